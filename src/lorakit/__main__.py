@@ -1,0 +1,3 @@
+from lorakit.cli import app
+
+app(prog_name="lorakit")

@@ -1,0 +1,57 @@
+"""lorakit's exception types.
+
+Errors are part of the interface: each says what was wrong and what to do. Every type
+derives from `LorakitError`, and also from the builtin a PEFT user would catch
+(`ValueError`, `KeyError`, `RuntimeError`), so code written against PEFT keeps working.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class LorakitError(Exception):
+    """Base class of every error lorakit raises on purpose."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A configuration value is invalid: names the field and what is allowed."""
+
+
+class TargetModulesError(ConfigError):
+    """`target_modules` (or `modules_to_save`) matched nothing, or matched a module we cannot adapt."""
+
+
+class AdapterNameError(LorakitError, KeyError):
+    """An adapter name is unknown, reserved, or already taken."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class AdapterStateError(LorakitError, RuntimeError):
+    """The requested operation does not fit the adapters' current state (e.g. merging twice)."""
+
+
+class MergeError(LorakitError, RuntimeError):
+    """A merge cannot be done safely (non-finite result, quantized base weights)."""
+
+
+class AdapterError(LorakitError, ValueError):
+    """Base class of errors about adapter files and their contents."""
+
+
+def closest(name: str, choices: Iterable[str], synonyms: dict[str, str] | None = None) -> str:
+    """A ' Did you mean X?' suffix naming the closest valid choice, or '' when none is close.
+
+    `synonyms` maps words people use from other tools (e.g. "rank") to our name ("r").
+    """
+    if synonyms and name.lower() in synonyms:
+        return f" Did you mean {synonyms[name.lower()]!r}?"
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+class RoutingError(LorakitError, ValueError):
+    """A per-row adapter choice (`adapter_names`) does not fit the batch or the model's state."""

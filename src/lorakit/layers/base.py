@@ -1,0 +1,185 @@
+"""`AdapterLayer`: one frozen base module plus any number of named low-rank adapters.
+
+What every adapted layer shares, whatever the base (Linear, Conv1D, Embedding, a
+bitsandbytes 4/8-bit Linear): the bookkeeping of which adapters exist, which are active,
+which are merged, and the three ways to run:
+
+    y = base(x) + Σ_{a active, not merged} Δ_a(x)           (stacking; default)
+    y = base(x)                                              (adapters disabled)
+    y[i] = base(x)[i] + Δ_{names[i]}(x[i])                   (per-row adapter choice)
+
+Subclasses supply only the maths of one method: `lora_output(x, name)` = Δ(x) and
+`delta_weight(name)` = ΔW in the base weight's own layout. The base layer is only ever
+*called*; its `.weight` is read only to merge, and merging refuses quantized weights
+(merging into 4-bit storage would bake the quantization error into the model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.batching import Routing, current_routing
+from lorakit.errors import AdapterStateError, MergeError, RoutingError
+
+_QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+
+
+def is_quantized_weight(weight: torch.Tensor) -> bool:
+    """bitsandbytes stores 4/8-bit weights as Params4bit / Int8Params (uint8 / int8 data)."""
+    return type(weight).__name__ in _QUANTIZED_PARAM_TYPES or not weight.dtype.is_floating_point
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapted layer; holds per-adapter scalars and the merge/route logic."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
+        self.disable_adapters = False
+
+    # HF model code sometimes reads these straight off a submodule (tied embeddings, T5).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    # -- what a subclass provides ----------------------------------------------------
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Δ_name(x): the adapter's additive contribution to the output."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW_name in the layout of `base_layer.weight` (so merge is `W += ΔW`)."""
+        raise NotImplementedError
+
+    def adapter_containers(self) -> Iterable[nn.ModuleDict | nn.ParameterDict]:
+        """The dicts keyed by adapter name that hold this layer's adapter modules/params."""
+        raise NotImplementedError
+
+    # -- adapters ----------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    def _set_scaling(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for container in self.adapter_containers():
+            if name in container:
+                item = container[name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
+        for container in self.adapter_containers():
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_adapter(self, names: Sequence[str], trainable: bool) -> None:
+        """Activate `names` (stacked); only active adapters' parameters require grad."""
+        self.active_adapters = list(names)
+        for name in self.adapters:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(trainable and name in self.active_adapters)
+
+    def _base_device(self) -> torch.device:
+        param = next(self.base_layer.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
+        routing = Routing(adapter_names) if adapter_names is not None else current_routing()
+        if self.disable_adapters:
+            if self.merged_adapters:
+                raise AdapterStateError("Adapters are merged into the weights; unmerge them before disabling.")
+            return self.base_layer(x, *args, **kwargs)
+        if routing is not None:
+            return self._routed_forward(x, routing, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self.lora_output(x, name).to(result.dtype)
+        return result
+
+    def _routed_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
+        if len(routing) != x.shape[0]:
+            raise RoutingError(
+                f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows; give one name per row."
+            )
+        if self.merged_adapters:
+            raise AdapterStateError(
+                f"Adapters {self.merged_adapters} are merged into the weights, so rows cannot choose adapters; "
+                "call unmerge_adapter() first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in routing.groups(x.device):
+            if name in self.r:  # this layer may not be targeted by every adapter
+                delta = self.lora_output(x.index_select(0, rows), name)
+                result.index_add_(0, rows, delta.to(result.dtype))
+        return result
+
+    # -- merge -----------------------------------------------------------------------------
+    def _float_base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if is_quantized_weight(weight):
+            raise MergeError(
+                f"{type(self.base_layer).__name__} stores quantized weights ({type(weight).__name__}, {weight.dtype}); "
+                "merging into them would bake the quantization error into the model. Load the base in full "
+                "precision and merge the saved adapter into that instead."
+            )
+        return weight
+
+    def check_merge(self, names: Sequence[str], check_finite: bool = False) -> None:
+        """Raise if merging `names` here is not possible (already merged, quantized weights) or,
+        with `check_finite`, would give NaN/Inf weights. Changes nothing."""
+        held = [name for name in names if name in self.r]
+        if not held:
+            return
+        twice = [name for name in held if name in self.merged_adapters]
+        if twice:
+            raise AdapterStateError(f"Adapter(s) {twice} already merged; merging again would add them twice.")
+        weight = self._float_base_weight()
+        if check_finite:
+            merged = weight.data.clone()
+            for name in held:
+                merged += self.delta_weight(name).to(weight.dtype)
+                if not torch.isfinite(merged).all():
+                    raise MergeError(f"Merging adapter {name!r} gives NaN/Inf weights; the adapter seems broken.")
+
+    def merge(self, names: Sequence[str], safe_merge: bool = False, checked: bool = False) -> None:
+        """W += ΔW for each named adapter this layer holds (`checked`: the caller ran check_merge)."""
+        if not checked:
+            self.check_merge(names, check_finite=safe_merge)
+        for name in names:
+            if name in self.r:
+                weight = self.base_layer.weight
+                weight.data.add_(self.delta_weight(name).to(weight.dtype))
+                self.merged_adapters.append(name)
+
+    def unmerge(self, names: Sequence[str] | None = None) -> None:
+        """W -= ΔW, newest merge first. Restores W up to float rounding of one add and one subtract."""
+        names = list(self.merged_adapters) if names is None else list(names)
+        for name in reversed(list(self.merged_adapters)):
+            if name in names:
+                weight = self.base_layer.weight
+                weight.data.sub_(self.delta_weight(name).to(weight.dtype))
+                self.merged_adapters.remove(name)

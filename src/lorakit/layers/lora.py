@@ -1,0 +1,135 @@
+"""LoRA for linear maps (nn.Linear, GPT-2's Conv1D, bitsandbytes Linear4bit/8bitLt) and embeddings.
+
+Linear (Hu et al. 2021, eq. 3), for each active adapter:
+
+    y = base(x) + s · B(A(dropout(x)))        A: (r, in), B: (out, r), s = α/r or α/√r
+
+Dropout touches only the LoRA path's input; the base path is exact. With
+`init_lora_weights=True`, A ~ Kaiming-uniform(a=√5) (nn.Linear's default) and B = 0,
+so Δ = 0 at step zero. B@A is never formed in the forward: the cost is two thin GEMMs,
+(in→r) and (r→out), instead of one (in→out).
+
+Embedding, as in PEFT (and loralib): A is (r, num_embeddings), B is (dim, r); the
+lookup goes through A, so Δ(ids) = s · Aᵀ[ids] Bᵀ. Here the roles flip at init
+(A = 0, B ~ N(0, 1)), and there is no dropout on an index lookup.
+
+Parameter names (lora_A.<name>.weight, lora_embedding_A.<name>, base_layer.…) are
+PEFT's, so state dicts and adapter files map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.layers.base import AdapterLayer
+
+
+def conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is a dependency, but the layer itself does not need it
+        return None
+    return Conv1D
+
+
+def linear_features(base: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear-like base layer."""
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(base, conv1d):
+        return base.nx, base.nf, True  # GPT-2's Conv1D stores its weight as (in, out)
+    return base.in_features, base.out_features, False
+
+
+class LoraLinear(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        self.in_features, self.out_features, _ = linear_features(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def adapter_containers(self) -> Iterable[nn.ModuleDict]:
+        return (self.lora_A, self.lora_B, self.lora_dropout)
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        """Add adapter `name` (fp32, on the base layer's device)."""
+        self._set_scaling(name, r, lora_alpha, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
+        lora_a = nn.Linear(self.in_features, r, bias=False, device=self._base_device())
+        lora_b = nn.Linear(r, self.out_features, bias=False, device=self._base_device())
+        if init_lora_weights is not False:  # False keeps nn.Linear's random init for both: B ≠ 0
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(lora_a.weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
+        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        lora_a = self.lora_A[name]
+        x = x.to(lora_a.weight.dtype)  # a bf16/int8 base may hand us other dtypes
+        return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in)
+        return (delta.T if self.fan_in_fan_out else delta) * self.scaling[name]
+
+
+class LoraEmbedding(AdapterLayer):
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.in_features = base_layer.num_embeddings
+        self.out_features = base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def adapter_containers(self) -> Iterable[nn.ParameterDict]:
+        return (self.lora_embedding_A, self.lora_embedding_B)
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,  # accepted for a uniform signature; a lookup has nothing to drop
+        init_lora_weights: bool | str = True,
+        use_rslora: bool = False,
+    ) -> None:
+        self._set_scaling(name, r, lora_alpha, use_rslora)
+        device = self._base_device()
+        weight_a = torch.randn(r, self.in_features, device=device)
+        weight_b = torch.randn(self.out_features, r, device=device)
+        if init_lora_weights is not False:
+            weight_a.zero_()
+        self.lora_embedding_A[name] = nn.Parameter(weight_a)
+        self.lora_embedding_B[name] = nn.Parameter(weight_b)
+
+    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        after_a = F.embedding(  # (..., r): the same lookup options as the base embedding
+            x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,
+            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+        out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        embed_scale = getattr(base, "embed_scale", None)  # Gemma-style scaled embeddings
+        if isinstance(embed_scale, torch.Tensor):
+            embed_scale = embed_scale.to(out.dtype)
+        return out if embed_scale is None else out * embed_scale
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.lora_embedding_B[name] @ self.lora_embedding_A[name]  # (dim, num_embeddings)
+        return delta.T * self.scaling[name]

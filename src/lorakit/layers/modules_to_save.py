@@ -1,0 +1,72 @@
+"""`ModulesToSaveWrapper`: a whole module trained as a per-adapter copy (PEFT's `modules_to_save`).
+
+Used for parts a low-rank update does not fit, typically a freshly initialised
+classification head. The original stays frozen; each adapter owns a full trainable copy
+(`modules_to_save.<name>`), which is what gets saved. Names mirror PEFT's wrapper, so
+state-dict keys (`classifier.modules_to_save.default.weight`) match.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.batching import current_routing
+
+
+class ModulesToSaveWrapper(nn.Module):
+    def __init__(self, original_module: nn.Module):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def update(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_adapter(self, names: Sequence[str], trainable: bool) -> None:
+        self.active_adapters = list(names)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name == self._active_copy_name())
+
+    def _active_copy_name(self) -> str | None:
+        """PEFT's rule: the first active adapter that has a copy here (copies replace, they do not stack)."""
+        return next((a for a in self.active_adapters if a in self.modules_to_save), None)
+
+    def active_module(self) -> nn.Module:
+        name = self._active_copy_name()
+        return self.original_module if self.disable_adapters or name is None else self.modules_to_save[name]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # e.g. `.weight` read by HF code on a wrapped embedding or head
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self.active_module(), name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        routing = current_routing()
+        if routing is None or self.disable_adapters:
+            return self.active_module()(x, *args, **kwargs)
+        # Per-row choice: rows without a copy here (or "__base__") use the original module.
+        result = self.original_module(x, *args, **kwargs)
+        for name, rows in routing.groups(x.device):
+            if name in self.modules_to_save:
+                out = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
+                result = result.index_copy(0, rows, out.to(result.dtype))
+        return result

@@ -1,0 +1,118 @@
+"""`LoraModel`: the surgery on a model's module tree — put adapted layers in, take them out.
+
+It holds the user's model as `.model` (so parameter names read
+`base_model.model.<module path>…`, exactly PEFT's) and knows nothing about which adapter
+is active or trainable: that policy lives in `PeftModel`. Every check that can fail runs
+before the first module is replaced, so a bad config leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers.base import AdapterLayer
+from lorakit.layers.lora import LoraEmbedding, LoraLinear, linear_features
+from lorakit.layers.modules_to_save import ModulesToSaveWrapper
+from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
+
+
+class LoraModel(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- what is in the tree ---------------------------------------------------------------
+    def adapter_layers(self) -> list[AdapterLayer]:
+        return [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+
+    def saved_module_wrappers(self) -> list[ModulesToSaveWrapper]:
+        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    def tuner_modules(self) -> list[AdapterLayer | ModulesToSaveWrapper]:
+        return [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+
+    # -- in ----------------------------------------------------------------------------------
+    def inject(self, config: LoraConfig, adapter_name: str) -> None:
+        """Add adapter `adapter_name` to every module `config` targets (validated first)."""
+        targets = find_target_modules(self.model, config)
+        to_save = find_modules_to_save(self.model, config.modules_to_save or [])
+        modules = dict(named_candidates(self.model))
+        fresh = {n: _new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
+        for name in targets:  # from here on nothing raises on a config error
+            layer = fresh[name] if name in fresh else modules[name]
+            layer.update_layer(
+                adapter_name,
+                r=config.rank_for(name),
+                lora_alpha=config.alpha_for(name),
+                lora_dropout=config.lora_dropout,
+                init_lora_weights=config.init_lora_weights,
+                use_rslora=config.use_rslora,
+            )
+            if name in fresh:
+                self._replace(name, layer)
+        for name in to_save:
+            wrapper = modules[name]
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(wrapper)
+                self._replace(name, wrapper)
+            wrapper.update(adapter_name)
+
+    # -- out ---------------------------------------------------------------------------------
+    def remove_adapter(self, adapter_name: str) -> None:
+        """Drop one adapter; a layer left with no adapter is unwrapped, so the tree is as before."""
+        for name, module in list(named_candidates(self.model)):
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) and adapter_name in module.adapters:
+                module.delete_adapter(adapter_name)
+                if not module.adapters:
+                    self._replace(name, _inner(module))
+
+    def unwrap(self, keep_trained_copies: bool) -> nn.Module:
+        """Replace every wrapper by what it wraps; return the plain model.
+
+        Adapted layers give back their base layer as it is now (merged or not). Saved-module
+        wrappers give back the active trained copy (`keep_trained_copies`, as after a merge)
+        or the untouched original.
+        """
+        for name, module in list(named_candidates(self.model)):
+            if isinstance(module, AdapterLayer):
+                self._replace(name, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper):
+                self._replace(name, module.active_module() if keep_trained_copies else module.original_module)
+        return self.model
+
+    def _replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, new)
+
+
+def _inner(module: AdapterLayer | ModulesToSaveWrapper) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayer) else module.original_module
+
+
+def _new_layer(module: nn.Module, config: LoraConfig) -> AdapterLayer:
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    _, _, stored_transposed = linear_features(module)
+    if stored_transposed != config.fan_in_fan_out:
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__}; using "
+            f"fan_in_fan_out={stored_transposed} for it (as PEFT does).",
+            stacklevel=3,
+        )
+        if stored_transposed:  # PEFT records this in the config, so saved GPT-2 adapters say True
+            config.fan_in_fan_out = True
+    return LoraLinear(module, fan_in_fan_out=stored_transposed)
