@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import inputs_for, output_of, tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 import lorakit
+from conftest import inputs_for, output_of, tiny_bert_classifier, tiny_gpt2, tiny_llama
 from lorakit.errors import AdapterNameError, AdapterStateError, MergeError, RoutingError, TargetModulesError
 
 

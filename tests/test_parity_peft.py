@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import inputs_for, output_of, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp, twin
 
 ATOL = 1e-5

@@ -30,7 +30,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = (True, False, "gaussian")
 
 
-class TaskType(str, enum.Enum):
+class TaskType(enum.StrEnum):
     """PEFT's task types. Only SEQ_CLS changes behaviour: its head becomes trainable."""
 
     SEQ_CLS = "SEQ_CLS"

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, inputs_for, output_of, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import lorakit
+from conftest import VOCAB, inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.layers import LoraEmbedding, LoraLinear
 
 ATOL = 1e-5
@@ -103,13 +103,13 @@ def _three_adapters(builder=tiny_llama):
     return model.eval(), base
 
 
-def _alone(model, name, run):
-    """Run with one adapter active (or with adapters disabled for __base__)."""
+def _alone(model, name, run, *args, **kwargs):
+    """run(*args, **kwargs) with one adapter active (or with adapters disabled for __base__)."""
     if name == "__base__":
         with model.disable_adapter():
-            return run()
+            return run(*args, **kwargs)
     model.set_adapter(name)
-    return run()
+    return run(*args, **kwargs)
 
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
@@ -122,7 +122,7 @@ def test_each_row_equals_its_adapter_alone(builder, batch):
     mixed = output_of(model, inputs, adapter_names=names)
     for name in set(names):
         rows = [i for i, n in enumerate(names) if n == name]
-        alone = _alone(model, name, lambda: output_of(model, {k: v[rows] for k, v in inputs.items()}))
+        alone = _alone(model, name, output_of, model, {k: v[rows] for k, v in inputs.items()})
         torch.testing.assert_close(mixed[rows], alone, atol=ATOL, rtol=0, msg=name)
 
 
@@ -144,7 +144,7 @@ def test_generation_per_row_equals_alone_with_padding(side):
         mask[:] = 1
     mixed = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **settings)
     for i, name in enumerate(names):
-        alone = _alone(model, name, lambda: model.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **settings))
+        alone = _alone(model, name, model.generate, input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **settings)
         assert torch.equal(mixed[i:i + 1], alone), name
 
 
@@ -154,7 +154,7 @@ def test_generation_with_beams_repeats_each_rows_adapter():
     settings = dict(max_new_tokens=3, do_sample=False, num_beams=2, pad_token_id=0)
     mixed = model.generate(**inputs, adapter_names=["small", "rs"], **settings)
     for i, name in enumerate(["small", "rs"]):
-        alone = _alone(model, name, lambda: model.generate(**{k: v[i:i + 1] for k, v in inputs.items()}, **settings))
+        alone = _alone(model, name, model.generate, **{k: v[i:i + 1] for k, v in inputs.items()}, **settings)
         assert torch.equal(mixed[i:i + 1], alone)
 
 

@@ -1,0 +1,1 @@
+"""Training: data encoding now; the config-driven job (trainer, report) builds on it."""

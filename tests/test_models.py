@@ -1,0 +1,57 @@
+"""Built-in models: the offline default (SmolLM2-135M) and clear errors for unknown names."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.models import DEFAULT_MODEL, ModelNotFoundError, load_model, resolve_model_path
+
+
+def test_unknown_model_name_says_what_is_accepted(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m-instruct.*never downloads"):
+        resolve_model_path(str(tmp_path / "nope"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model(DEFAULT_MODEL)
+
+
+@pytest.mark.slow
+def test_default_model_is_cached_after_first_load(smollm2):
+    started = time.perf_counter()
+    path = resolve_model_path(DEFAULT_MODEL)
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    assert (path / "model.safetensors").is_file()
+    assert time.perf_counter() - started < 15  # the GGUF conversion takes ~20 s; the cache ~0.5 s
+    assert model.config.num_hidden_layers == 30 and tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.slow
+def test_smollm2_parity_with_peft(smollm2, capsys):
+    """r16 all-linear on the real model: same trainable count, logits and gradients as PEFT."""
+    import peft
+
+    base, tokenizer = smollm2
+    settings = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**settings))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**settings))
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.print_trainable_parameters()
+    theirs.print_trainable_parameters()
+    mine, peft_line = capsys.readouterr().out.splitlines()
+    assert mine == peft_line == "trainable params: 4,884,480 || all params: 139,399,488 || trainable%: 3.5039"
+    batch = tokenizer(["LoRA adds a low-rank update.", "Hello"], return_tensors="pt", padding=True)
+    for model in (ours, theirs):
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    # Same ops in the same order on both sides, so the logits agree bit for bit; 1e-5 is the bar.
+    torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
+    peft_grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, peft_grads[name].grad, atol=1e-5, rtol=0, msg=name)
