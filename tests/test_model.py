@@ -94,7 +94,8 @@ def test_safe_merge_refuses_non_finite_and_rolls_back_every_layer():
 
 
 def test_quantized_base_wraps_trains_and_refuses_merge_without_changing_anything():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))  # float, then 4-bit
     quant = bnb.nn.Linear4bit(16, 16, compute_dtype=torch.float32, quant_type="nf4")

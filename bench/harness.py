@@ -1,0 +1,85 @@
+"""Shared benchmark runner: lorakit and the peer (PEFT) side by side, in one run.
+
+- Timings: both sides live in one process and are timed *interleaved* (A B A B …) after
+  warm-up, and the median is kept, so drift on a shared machine hits both alike.
+- Memory: peak RSS cannot be shared, so each side runs alone in its own subprocess
+  (`python bench/X.py --side NAME`), which reports its own ru_maxrss.
+- Output: one JSON object (setup, machine, numbers, ratios) on stdout, also written to
+  bench/results/<name>.json, from which `bench/run_all.py` rebuilds docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine_info() -> dict:
+    import torch
+    import transformers
+
+    def version(package: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+
+            return v(package)
+        except Exception:
+            return None
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return {
+        "commit": commit or None, "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "peft": version("peft"), "lorakit": version("lorakit"),
+    }
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each candidate, calls interleaved round by round."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(reps):
+        for name, fn in candidates.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def side_in_subprocess(script: Path, side: str, *args: str) -> dict:
+    """Run `script --side side` alone and return the JSON it prints last."""
+    done = subprocess.run([sys.executable, str(script), "--side", side, *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{script.name} --side {side} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def emit(name: str, command: str, setup: dict, results: dict, ratios: dict) -> dict:
+    report = {"benchmark": name, "command": command, "setup": setup, "machine": machine_info(),
+              "results": results, "ratios": {k: round(v, 3) for k, v in ratios.items()}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, RESULTS / f"{name}.json")
+    print(json.dumps(report))
+    return report
