@@ -1,12 +1,12 @@
 """lorakit: parameter-efficient fine-tuning with PEFT's names and files, on our own engine."""
 
-from lorakit import errors
-from lorakit.batching import BASE_ADAPTER
-from lorakit.config import LoraConfig, TaskType
-from lorakit.model import PeftModel, get_peft_model
-from lorakit.tuner import LoraModel
+__version__ = "0.1.0"  # first: modules below read it
 
-__version__ = "0.1.0"
+from lorakit import errors  # noqa: E402
+from lorakit.batching import BASE_ADAPTER  # noqa: E402
+from lorakit.config import LoraConfig, TaskType  # noqa: E402
+from lorakit.model import PeftModel, get_peft_model  # noqa: E402
+from lorakit.tuner import LoraModel  # noqa: E402
 
 __all__ = [
     "BASE_ADAPTER",

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
 
 import lorakit
+from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -27,6 +32,65 @@ def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """lorakit: train, combine and serve LoRA adapters."""
+
+
+@app.command()
+def inspect(
+    directory: Path = typer.Argument(..., help="An adapter directory (adapter_config.json + adapter_model.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show what an adapter holds: config, base and fingerprint, targets, ranks, size, tensor stats."""
+    from lorakit.describe import describe, to_json
+
+    info = _or_exit(describe, directory)
+    if as_json:
+        typer.echo(to_json(info))
+        return
+    console = Console()
+    config = info["config"]
+    summary = Table(show_header=False, title=f"adapter {info['path']}")
+    for label, value in [
+        ("made by", info["made_by"]), ("created", info["created"] or "-"), ("base model", info["base_model"] or "-"),
+        ("base fingerprint", info["fingerprint"]), ("checksum", info["checksum"]),
+        ("r / alpha", f"{config['r']} / {config['lora_alpha']}" + (" (rsLoRA)" if config["use_rslora"] else "")),
+        ("ranks (modules)", ", ".join(f"r={r}: {n}" for r, n in info["ranks"].items())),
+        ("target modules", f"{len(info['target_modules'])} modules ({config['target_modules']})"),
+        ("modules_to_save", str(config["modules_to_save"] or "-")), ("bias", config["bias"]),
+        ("parameters", f"{info['parameters']:,}"), ("size on disk", f"{info['size_bytes'] / 1e6:.2f} MB"),
+        ("other adapters here", ", ".join(info["other_adapters"]) or "-"),
+    ]:
+        summary.add_row(label, str(value))
+    console.print(summary)
+    tensors = Table(title="tensors")
+    tensors.add_column("tensor", overflow="fold")
+    for column in ("shape", "dtype", "mean |x|", "std", "max |x|"):
+        tensors.add_column(column)
+    for name, t in info["tensors"].items():
+        tensors.add_row(name, "x".join(map(str, t["shape"])), t["dtype"], f"{t['mean_abs']:.3g}", f"{t['std']:.3g}", f"{t['max_abs']:.3g}")
+    console.print(tensors)
+
+
+@app.command()
+def convert(
+    directory: Path = typer.Argument(..., help="An adapter directory holding adapter_model.bin."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Confirm you trust this pickle file."),
+) -> None:
+    """Convert a pickled adapter (adapter_model.bin) to safetensors, once, if you trust it."""
+    if not allow_pickle:
+        raise typer.BadParameter("pass --allow-pickle to confirm you trust this file (it is read with weights_only=True)")
+    from lorakit.describe import convert_pickle
+
+    written = _or_exit(convert_pickle, directory)
+    typer.echo(f"wrote {written}")
+
+
+def _or_exit(function, *args):
+    """Run; an error we raise on purpose becomes a one-line message and exit code 2."""
+    try:
+        return function(*args)
+    except (LorakitError, FileNotFoundError, ValueError) as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()

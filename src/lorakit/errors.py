@@ -55,3 +55,23 @@ def closest(name: str, choices: Iterable[str], synonyms: dict[str, str] | None =
 
 class RoutingError(LorakitError, ValueError):
     """A per-row adapter choice (`adapter_names`) does not fit the batch or the model's state."""
+
+
+class AdapterFileNotFoundError(AdapterError, FileNotFoundError):
+    """The adapter directory or one of its files is missing."""
+
+
+class PickleRefusedError(AdapterError):
+    """The adapter is stored as a pickle (adapter_model.bin); lorakit never unpickles a file it is handed."""
+
+
+class AdapterConfigError(AdapterError):
+    """adapter_config.json is unreadable, truncated, or describes something we cannot load."""
+
+
+class AdapterWeightsError(AdapterError):
+    """adapter_model.safetensors is corrupt, or a tensor in it does not fit the config or the base model."""
+
+
+class AdapterBaseMismatch(AdapterError):
+    """The adapter was trained on a different base model than the one it is being loaded onto."""

@@ -11,26 +11,39 @@ surgery to `LoraModel` (`self.base_model`) and the maths to the adapted layers.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import warnings
+from datetime import UTC, datetime
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 from torch import nn
 
+from lorakit import __version__
+from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, plan_load
 from lorakit.batching import BASE_ADAPTER, adapter_routing
+from lorakit.combine import add_weighted_adapter
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterNameError, AdapterStateError, ConfigError, RoutingError
+from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, ConfigError, RoutingError
+from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
+from lorakit.io import FINGERPRINT_KEY, AdapterFiles, adapter_dir, read_adapter, write_adapter
 from lorakit.targets import SEQ_CLS_HEADS
 from lorakit.tuner import LoraModel
 
 
 class PeftModel(nn.Module):
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default"):
+    def __init__(
+        self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
+    ):
         super().__init__()
+        # Fingerprint the base now, before any merge can change its weights (see fingerprint.py).
+        self.base_fingerprint = base_fingerprint(model)
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = [adapter_name]
-        self.add_adapter(adapter_name, peft_config)
+        self._check_new_name(adapter_name)
+        self._install(adapter_name, resolve_config(model, peft_config), _load_plan)
 
     def __getattr__(self, name: str):
         try:
@@ -51,22 +64,26 @@ class PeftModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new (inactive unless it is the first) adapter; the base stays frozen."""
+        self._check_new_name(adapter_name)
+        self._install(adapter_name, self._resolve(peft_config))
+
+    def _check_new_name(self, adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise AdapterNameError(f"Adapter names must be non-empty strings without '.', got {adapter_name!r}.")
         if adapter_name == BASE_ADAPTER:
             raise AdapterNameError(f"{BASE_ADAPTER!r} is reserved for rows that use no adapter.")
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} exists; delete it first or pick another name.")
-        if not isinstance(peft_config, LoraConfig):
-            raise ConfigError(f"Expected a lorakit.LoraConfig, got {type(peft_config).__name__}.")
-        config = copy.deepcopy(peft_config)
-        model = self.get_base_model()
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        if config.task_type == "SEQ_CLS":  # PEFT trains a classification model's fresh head in full
-            heads = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
-            config.modules_to_save = list(dict.fromkeys((config.modules_to_save or []) + heads)) or None
-        self.base_model.inject(config, adapter_name)
+
+    def _resolve(self, peft_config: LoraConfig) -> LoraConfig:
+        first = next(iter(self.peft_config.values()), None)
+        return resolve_config(self.get_base_model(), peft_config, first.task_type if first else None)
+
+    def _install(self, adapter_name: str, config: LoraConfig, plan: LoadPlan | None = None) -> None:
+        """Add a resolved config's adapter (with a checked file's tensors, if `plan`)."""
+        self.base_model.inject(config, adapter_name, plan)
+        if plan is not None and plan.biases:
+            apply_biases(self.get_base_model(), plan.biases)
         self.peft_config[adapter_name] = config
         self._freeze_base()
         self._apply_active()
@@ -113,7 +130,9 @@ class PeftModel(nn.Module):
         """Freeze everything but adapters and saved-module copies; then apply the bias rules."""
         self.get_base_model().requires_grad_(False)
         for active in self._active:
-            bias = self.peft_config[active].bias if active in self.peft_config else "none"
+            config = self.peft_config.get(active)
+            # A frozen (inference) adapter trains nothing, its biases included (PEFT leaves those trainable).
+            bias = config.bias if config is not None and not config.inference_mode else "none"
             if bias == "all":
                 for pname, param in self.get_base_model().named_parameters():
                     if pname == "bias" or pname.endswith(".bias"):
@@ -127,6 +146,13 @@ class PeftModel(nn.Module):
         trainable = not any(self.peft_config[a].inference_mode for a in self._active if a in self.peft_config)
         for module in self.base_model.tuner_modules():
             module.set_adapter(self._active, trainable)
+
+    def add_weighted_adapter(
+        self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+        combination_type: str = "svd", svd_rank: int | None = None,
+    ) -> None:
+        """Blend adapters into a new one ("linear", "cat" or "svd"; see lorakit.combine)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # -- merge / unload ----------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -170,6 +196,59 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
+
+    # -- files ---------------------------------------------------------------------------------
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
+        safe_serialization: bool = True, is_main_process: bool = True,
+    ) -> None:
+        """Write adapters in PEFT's layout ("default" at the root, others in subdirectories)."""
+        if not safe_serialization:
+            raise AdapterError("lorakit writes safetensors only (a pickle file can run code when loaded).")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_known(names)
+        if not is_main_process:
+            return
+        for name in names:
+            config = self.peft_config[name]
+            metadata = {
+                "lorakit.version": __version__,
+                "lorakit.created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "lorakit.base_model": config.base_model_name_or_path or "",
+                FINGERPRINT_KEY: json.dumps(self.base_fingerprint),
+            }
+            tensors = adapter_tensors(self.get_base_model(), name, config)
+            write_adapter(adapter_dir(save_directory, name), config, tensors, metadata)
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+        verify_base: bool = True, verify_integrity: bool = True,
+    ) -> None:
+        """Load a saved adapter (ours or PEFT's) next to the existing ones; all-or-nothing."""
+        self._check_new_name(adapter_name)
+        files, config = _read_checked(model_id, is_trainable, verify_integrity)
+        config = self._resolve(config)
+        verify_base_fingerprint(files, self.base_fingerprint, self._base_name(), verify_base)
+        plan = plan_load(self.get_base_model(), config, files.tensors, files.directory)
+        self._install(adapter_name, config, plan)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
+        verify_base: bool = True, verify_integrity: bool = True,
+    ) -> PeftModel:
+        """Wrap `model` with a saved adapter (ours or PEFT's); nothing is changed if any check fails."""
+        if isinstance(model, PeftModel):
+            raise AdapterStateError("The model is already a PeftModel; use model.load_adapter(path, name) instead.")
+        files, config = _read_checked(model_id, is_trainable, verify_integrity)
+        config = resolve_config(model, config)
+        base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        verify_base_fingerprint(files, base_fingerprint(model), base_name, verify_base)
+        plan = plan_load(model, config, files.tensors, files.directory)
+        return cls(model, config, adapter_name, _load_plan=plan)
+
+    def _base_name(self) -> str | None:
+        return getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
 
     # -- running -------------------------------------------------------------------------------
     def _routing(self, adapter_names: Sequence[str] | None):
@@ -218,6 +297,34 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+
+def resolve_config(model: nn.Module, peft_config: LoraConfig, model_task: str | None = None) -> LoraConfig:
+    """A private copy of the config with what the model implies filled in.
+
+    - base_model_name_or_path from the model's config, when not set;
+    - PEFT's classification rule: in a SEQ_CLS model every adapter trains the head
+      ("classifier"/"score") as a saved copy; PEFT also writes both names into files, so the
+      one the model does not have is dropped (as PEFT ignores it).
+    """
+    if not isinstance(peft_config, LoraConfig):
+        raise ConfigError(f"Expected a lorakit.LoraConfig, got {type(peft_config).__name__}.")
+    config = copy.deepcopy(peft_config)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    present = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
+    wanted = [m for m in (config.modules_to_save or []) if m not in SEQ_CLS_HEADS or m in present]
+    if "SEQ_CLS" in (config.task_type, model_task):
+        wanted += present
+    config.modules_to_save = list(dict.fromkeys(wanted)) or None
+    return config
+
+
+def _read_checked(model_id, is_trainable: bool, verify_integrity: bool) -> tuple[AdapterFiles, LoraConfig]:
+    files = read_adapter(model_id, verify_integrity=verify_integrity)
+    config = copy.deepcopy(files.config)
+    config.inference_mode = not is_trainable  # PEFT's rule: loaded adapters are frozen unless asked
+    return files, config
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:

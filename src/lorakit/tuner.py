@@ -12,6 +12,7 @@ import warnings
 
 from torch import nn
 
+from lorakit.adapter_state import LoadPlan
 from lorakit.config import LoraConfig
 from lorakit.layers.base import AdapterLayer
 from lorakit.layers.lora import LoraEmbedding, LoraLinear, linear_features
@@ -46,8 +47,11 @@ class LoraModel(nn.Module):
         return [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
 
     # -- in ----------------------------------------------------------------------------------
-    def inject(self, config: LoraConfig, adapter_name: str) -> None:
-        """Add adapter `adapter_name` to every module `config` targets (validated first)."""
+    def inject(self, config: LoraConfig, adapter_name: str, plan: LoadPlan | None = None) -> None:
+        """Add adapter `adapter_name` to every module `config` targets (validated first).
+
+        With a `plan` (a checked adapter file), layers take its tensors instead of an init.
+        """
         targets = find_target_modules(self.model, config)
         to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
@@ -61,6 +65,7 @@ class LoraModel(nn.Module):
                 lora_dropout=config.lora_dropout,
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
+                weights=plan.lora[name] if plan else None,
             )
             if name in fresh:
                 self._replace(name, layer)
@@ -69,7 +74,7 @@ class LoraModel(nn.Module):
             if not isinstance(wrapper, ModulesToSaveWrapper):
                 wrapper = ModulesToSaveWrapper(wrapper)
                 self._replace(name, wrapper)
-            wrapper.update(adapter_name)
+            wrapper.update(adapter_name, plan.saved_modules[name] if plan else None)
 
     # -- out ---------------------------------------------------------------------------------
     def remove_adapter(self, adapter_name: str) -> None:

@@ -37,6 +37,12 @@ def conv1d_type() -> type | None:
     return Conv1D
 
 
+def adapter_parameter(tensor: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """Adapters live in fp32 (as PEFT keeps them): half-precision files are upcast."""
+    dtype = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
+    return nn.Parameter(tensor.to(device=device, dtype=dtype))
+
+
 def linear_features(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a linear-like base layer."""
     conv1d = conv1d_type()
@@ -65,13 +71,20 @@ class LoraLinear(AdapterLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Add adapter `name` (fp32, on the base layer's device)."""
+        """Add adapter `name` (fp32, on the base layer's device); `weights` = (A, B) skips the init."""
         self._set_scaling(name, r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        lora_a = nn.Linear(self.in_features, r, bias=False, device=self._base_device())
-        lora_b = nn.Linear(r, self.out_features, bias=False, device=self._base_device())
-        if init_lora_weights is not False:  # False keeps nn.Linear's random init for both: B ≠ 0
+        device = self._base_device()
+        if weights is not None:  # a loaded adapter: no allocation or init that would be overwritten
+            lora_a = nn.Linear(self.in_features, r, bias=False, device="meta")
+            lora_b = nn.Linear(r, self.out_features, bias=False, device="meta")
+            lora_a.weight, lora_b.weight = (adapter_parameter(w, device) for w in weights)
+        else:
+            lora_a = nn.Linear(self.in_features, r, bias=False, device=device)
+            lora_b = nn.Linear(r, self.out_features, bias=False, device=device)
+        if weights is None and init_lora_weights is not False:  # False keeps nn.Linear's random init: B ≠ 0
             if init_lora_weights == "gaussian":
                 nn.init.normal_(lora_a.weight, std=1 / r)
             else:
@@ -108,9 +121,13 @@ class LoraEmbedding(AdapterLayer):
         lora_dropout: float = 0.0,  # accepted for a uniform signature; a lookup has nothing to drop
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
+        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self._set_scaling(name, r, lora_alpha, use_rslora)
         device = self._base_device()
+        if weights is not None:
+            self.lora_embedding_A[name], self.lora_embedding_B[name] = (adapter_parameter(w, device) for w in weights)
+            return
         weight_a = torch.randn(r, self.in_features, device=device)
         weight_b = torch.randn(self.out_features, r, device=device)
         if init_lora_weights is not False:

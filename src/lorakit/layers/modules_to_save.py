@@ -29,8 +29,12 @@ class ModulesToSaveWrapper(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.modules_to_save)
 
-    def update(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+    def update(self, name: str, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Add adapter `name`'s copy: of the original, or with `state` (a loaded or blended copy)."""
+        module = copy.deepcopy(self.original_module)
+        if state is not None:
+            module.load_state_dict(state, strict=True)
+        self.modules_to_save[name] = module
         self.original_module.requires_grad_(False)
 
     def delete_adapter(self, name: str) -> None:

@@ -1,0 +1,67 @@
+"""What an adapter directory holds, for `lorakit inspect` (humans) and `--json` (machines)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from lorakit.adapter_state import PREFIX
+from lorakit.fingerprint import short_id
+from lorakit.io import CHECKSUM_KEY, CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, write_adapter
+
+
+def describe(directory: str | os.PathLike) -> dict:
+    """Config, base, fingerprint, targets, ranks, sizes and per-tensor statistics (after all checks)."""
+    files = read_adapter(directory)
+    config = files.config
+    modules = sorted({_module_of(key) for key in files.tensors if ".lora_" in key})
+    ranks = Counter(files.tensors[k].shape[0] for k in files.tensors if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    stats = {
+        key.removeprefix(PREFIX): {
+            "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "mean_abs": float(t.float().abs().mean()) if t.numel() else 0.0,
+            "std": float(t.float().std()) if t.numel() > 1 else 0.0,
+            "max_abs": float(t.float().abs().max()) if t.numel() else 0.0,
+        }
+        for key, t in sorted(files.tensors.items())
+    }
+    root = Path(directory)
+    return {
+        "path": str(root),
+        "config": config.to_dict(),
+        "base_model": files.metadata.get("lorakit.base_model") or config.base_model_name_or_path,
+        "fingerprint": short_id(files.fingerprint),
+        "made_by": f"lorakit {files.metadata['lorakit.version']}" if "lorakit.version" in files.metadata else "not lorakit (PEFT?)",
+        "created": files.metadata.get("lorakit.created"),
+        "checksum": "verified" if CHECKSUM_KEY in files.metadata else "none recorded",
+        "target_modules": modules,
+        "ranks": {str(r): n for r, n in sorted(ranks.items())},
+        "parameters": sum(t.numel() for t in files.tensors.values()),
+        "size_bytes": sum(p.stat().st_size for p in (root / WEIGHTS_NAME, root / CONFIG_NAME)),
+        "other_adapters": sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file()),
+        "tensors": stats,
+    }
+
+
+def _module_of(key: str) -> str:
+    return key.removeprefix(PREFIX).split(".lora_")[0]
+
+
+def convert_pickle(directory: str | os.PathLike) -> Path:
+    """adapter_model.bin -> adapter_model.safetensors, with torch.load(weights_only=True) (no code runs)."""
+    root = Path(directory)
+    source = root / "adapter_model.bin"
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{source} does not hold a flat dict of tensors.")
+    config = read_config(root / CONFIG_NAME)
+    write_adapter(root, config, state, {"lorakit.converted_from": "adapter_model.bin"})
+    return root / WEIGHTS_NAME
+
+
+def to_json(info: dict) -> str:
+    return json.dumps(info, indent=2)
