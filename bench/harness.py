@@ -47,17 +47,28 @@ def machine_info() -> dict:
     }
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each candidate, calls interleaved round by round."""
-    for _ in range(warmup):
-        for fn in candidates.values():
-            fn()
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1,
+    before: dict[str, Callable[[], object]] | None = None, after: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, calls interleaved round by round.
+
+    `before[name]` / `after[name]` run untimed around every call (e.g. build a fresh model
+    to merge, delete the adapter just loaded).
+    """
+    before, after = before or {}, after or {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(reps):
+    for round_ in range(warmup + reps):
         for name, fn in candidates.items():
+            if name in before:
+                before[name]()
             started = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            if name in after:
+                after[name]()
+            if round_ >= warmup:
+                samples[name].append(elapsed)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -14,6 +14,7 @@ import copy
 from pathlib import Path
 
 import torch
+
 from harness import emit, peak_rss_mb, side_in_subprocess, time_interleaved
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")

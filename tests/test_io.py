@@ -10,10 +10,10 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import inputs_for, output_of, tiny_bert_classifier, tiny_gpt2, tiny_llama, twin
 from safetensors.torch import load_file, save_file
 
 import lorakit
+from conftest import inputs_for, output_of, tiny_bert_classifier, tiny_gpt2, tiny_llama, twin
 from lorakit import PeftModel
 from lorakit.errors import (
     AdapterConfigError,

@@ -29,6 +29,7 @@ quantization error. It is a guard against the common mistake, not a cryptographi
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import warnings
@@ -40,10 +41,9 @@ from torch import nn
 
 from lorakit.errors import AdapterBaseMismatch
 from lorakit.layers.base import AdapterLayer
-from lorakit.layers.lora import linear_features
+from lorakit.layers.lora import conv1d_type, linear_features
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.quant import float_weight, quant_kind
-from lorakit.targets import is_linear
 
 VERSION = 1
 SAMPLES = 256
@@ -58,17 +58,25 @@ def _unwrapped(module: nn.Module) -> nn.Module:
     return module
 
 
-def base_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the base model as it was before wrapping (adapters are looked through)."""
-    module = _unwrapped(module)
-    yield prefix, module
-    for name, child in module.named_children():
-        yield from base_modules(child, f"{prefix}.{name}" if prefix else name)
+    stack = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        module = _unwrapped(module)
+        yield prefix, module
+        children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in module.named_children()]
+        stack.extend(reversed(children))  # depth-first, in definition order
 
 
-def _is_norm(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return "norm" in type(module).__name__.lower() and isinstance(weight, torch.Tensor) and weight.dim() == 1
+@functools.cache
+def _kind(module_type: type) -> str | None:
+    """'linear', 'embedding', 'norm' or None — decided once per module class, not per module."""
+    if issubclass(module_type, nn.Linear) or module_type is conv1d_type():
+        return "linear"
+    if issubclass(module_type, nn.Embedding):
+        return "embedding"
+    return "norm" if "norm" in module_type.__name__.lower() else None
 
 
 def _layout(model: nn.Module) -> tuple[list[tuple], dict[str, nn.Module]]:
@@ -76,16 +84,17 @@ def _layout(model: nn.Module) -> tuple[list[tuple], dict[str, nn.Module]]:
     linears, norms = [], []
     seen: set[int] = set()
     for name, module in base_modules(model):
-        if id(module) in seen:
+        kind = _kind(type(module))
+        if kind is None or id(module) in seen:
             continue
         seen.add(id(module))
-        if is_linear(module):
+        if kind == "linear":
             layout.append((name, "linear", *linear_features(module)[:2]))
             linears.append((name, module))
-        elif isinstance(module, nn.Embedding):
+        elif kind == "embedding":
             layout.append((name, "embedding", module.num_embeddings, module.embedding_dim))
             sampled[name] = module
-        elif _is_norm(module):
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1:
             layout.append((name, "norm", module.weight.numel()))
             norms.append((name, module))
     for group, count in ((norms, MAX_NORMS), (linears, 3)):

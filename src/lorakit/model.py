@@ -14,9 +14,9 @@ import copy
 import json
 import os
 import warnings
-from datetime import UTC, datetime
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from datetime import UTC, datetime
 
 from torch import nn
 
@@ -81,12 +81,18 @@ class PeftModel(nn.Module):
 
     def _install(self, adapter_name: str, config: LoraConfig, plan: LoadPlan | None = None) -> None:
         """Add a resolved config's adapter (with a checked file's tensors, if `plan`)."""
+        first = not self.peft_config
         self.base_model.inject(config, adapter_name, plan)
         if plan is not None and plan.biases:
             apply_biases(self.get_base_model(), plan.biases)
         self.peft_config[adapter_name] = config
-        self._freeze_base()
-        self._apply_active()
+        if first:  # freeze once, at wrap time: later adds leave what the user unfroze alone
+            self._freeze_base()
+            self._apply_active()
+        else:  # a new adapter is inactive, so it does not train (its saved-module copies start frozen)
+            for layer in self.base_model.adapter_layers():
+                for param in layer.adapter_parameters(adapter_name):
+                    param.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Make these adapters active (several are summed: stacking); only they train."""
@@ -142,10 +148,12 @@ class PeftModel(nn.Module):
                     if layer.bias is not None:
                         layer.bias.requires_grad_(True)
 
+    def _trainable(self) -> bool:
+        return not any(self.peft_config[a].inference_mode for a in self._active if a in self.peft_config)
+
     def _apply_active(self) -> None:
-        trainable = not any(self.peft_config[a].inference_mode for a in self._active if a in self.peft_config)
         for module in self.base_model.tuner_modules():
-            module.set_adapter(self._active, trainable)
+            module.set_adapter(self._active, self._trainable())
 
     def add_weighted_adapter(
         self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,

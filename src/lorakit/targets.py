@@ -47,13 +47,19 @@ def is_adaptable(module: nn.Module) -> bool:
 
 def named_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every named module, but never the insides of an adapted layer or a saved-module wrapper."""
-    wrapped: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(w + ".") for w in wrapped):
-            continue
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            wrapped.append(name)
-        yield name, module
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module.named_children():
+            if id(child) in seen:  # a module shared by two parents is listed once, as named_modules does
+                continue
+            seen.add(id(child))
+            full = f"{prefix}.{name}" if prefix else name
+            yield full, child
+            if not isinstance(child, (AdapterLayer, ModulesToSaveWrapper)):
+                yield from walk(child, full)
+
+    return walk(model, "")
 
 
 def _matches(spec: list[str] | str, name: str) -> bool:

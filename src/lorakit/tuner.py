@@ -52,8 +52,11 @@ class LoraModel(nn.Module):
 
         With a `plan` (a checked adapter file), layers take its tensors instead of an init.
         """
-        targets = find_target_modules(self.model, config)
-        to_save = find_modules_to_save(self.model, config.modules_to_save or [])
+        if plan is not None:  # already resolved and checked against this model
+            targets, to_save = list(plan.lora), list(plan.saved_modules)
+        else:
+            targets = find_target_modules(self.model, config)
+            to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
         fresh = {n: _new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
         for name in targets:  # from here on nothing raises on a config error

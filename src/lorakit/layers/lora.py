@@ -19,6 +19,7 @@ PEFT's, so state dicts and adapter files map one to one.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 
@@ -29,6 +30,7 @@ from torch import nn
 from lorakit.layers.base import AdapterLayer
 
 
+@functools.cache
 def conv1d_type() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -41,6 +43,17 @@ def adapter_parameter(tensor: torch.Tensor, device: torch.device) -> nn.Paramete
     """Adapters live in fp32 (as PEFT keeps them): half-precision files are upcast."""
     dtype = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
     return nn.Parameter(tensor.to(device=device, dtype=dtype))
+
+
+def linear_around(weight: nn.Parameter) -> nn.Linear:
+    """A bias-free nn.Linear that uses `weight` as is, skipping nn.Linear.__init__'s random init
+    (for 200+ layers that init is most of the cost of loading an adapter)."""
+    layer = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(layer)
+    layer.out_features, layer.in_features = weight.shape
+    layer.weight = weight
+    layer.register_parameter("bias", None)
+    return layer
 
 
 def linear_features(base: nn.Module) -> tuple[int, int, bool]:
@@ -78,9 +91,7 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         device = self._base_device()
         if weights is not None:  # a loaded adapter: no allocation or init that would be overwritten
-            lora_a = nn.Linear(self.in_features, r, bias=False, device="meta")
-            lora_b = nn.Linear(r, self.out_features, bias=False, device="meta")
-            lora_a.weight, lora_b.weight = (adapter_parameter(w, device) for w in weights)
+            lora_a, lora_b = (linear_around(adapter_parameter(w, device)) for w in weights)
         else:
             lora_a = nn.Linear(self.in_features, r, bias=False, device=device)
             lora_b = nn.Linear(r, self.out_features, bias=False, device=device)
