@@ -1,7 +1,8 @@
 """Shared benchmark runner: lorakit and the peer (PEFT) side by side, in one run.
 
-- Timings: both sides live in one process and are timed *interleaved* (A B A B …) after
-  warm-up, and the median is kept, so drift on a shared machine hits both alike.
+- Timings: both sides live in one process and are timed *interleaved* (A B A B …, the
+  starting side rotating each round) after warm-up, and the median is kept, so drift on a
+  shared machine and cache effects of the previous call hit both alike.
 - Memory: peak RSS cannot be shared, so each side runs alone in its own subprocess
   (`python bench/X.py --side NAME`), which reports its own ru_maxrss.
 - Output: one JSON object (setup, machine, numbers, ratios) on stdout, also written to
@@ -58,8 +59,11 @@ def time_interleaved(
     """
     before, after = before or {}, after or {}
     samples: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
     for round_ in range(warmup + reps):
-        for name, fn in candidates.items():
+        start = round_ % len(names)  # rotate who goes first: whoever follows a heavy call pays for it
+        for name in names[start:] + names[:start]:
+            fn = candidates[name]
             if name in before:
                 before[name]()
             started = time.perf_counter()

@@ -259,7 +259,7 @@ class PeftModel(nn.Module):
         return getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
 
     # -- running -------------------------------------------------------------------------------
-    def _routing(self, adapter_names: Sequence[str] | None):
+    def _routing(self, adapter_names: Sequence[str] | None, reusable: bool = False):
         if adapter_names is None:
             return nullcontext()
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
@@ -272,7 +272,7 @@ class PeftModel(nn.Module):
             )
         if any(layer.merged_adapters for layer in self.base_model.adapter_layers()):
             raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
-        return adapter_routing(adapter_names)
+        return adapter_routing(adapter_names, reusable=reusable)
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         with self._routing(adapter_names):
@@ -284,7 +284,7 @@ class PeftModel(nn.Module):
             beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
             returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
             adapter_names = [n for n in adapter_names for _ in range(max(beams, returns))]
-        with self._routing(adapter_names):
+        with self._routing(adapter_names, reusable=True):  # one routing for every decode step
             return self.get_base_model().generate(*args, **kwargs)
 
     # -- reporting ---------------------------------------------------------------------------------
