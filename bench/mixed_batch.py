@@ -64,10 +64,6 @@ def scenario(base, ours, theirs, rows: int, prompt: int, new: int, count: int, r
         with ours.disable_adapter():
             call(ours)()
 
-    def reference():  # the plain per-group path the tests compare the fast one to
-        with adapter_routing(names, reference=True):
-            call(ours)()
-
     reused = Routing(names, reusable=True)
 
     def reused_routing():  # as inside generate(): one routing for every step, its caches kept
@@ -78,7 +74,6 @@ def scenario(base, ours, theirs, rows: int, prompt: int, new: int, count: int, r
         "base": disabled,
         "lorakit_single": call(ours),
         "lorakit_mixed": call(ours, adapter_names=names),
-        "lorakit_mixed_reference": reference,
         "lorakit_mixed_reused_routing": reused_routing,
         "peft_mixed": call(theirs, adapter_names=names),
     }
@@ -105,9 +100,7 @@ def main() -> None:
         "decode_single_vs_base": decode["lorakit_single"] / decode["base"],
         "decode_reused_routing_vs_single": decode["lorakit_mixed_reused_routing"] / decode["lorakit_single"],
         "decode_peft_mixed_vs_ours_reused_routing": decode["peft_mixed"] / decode["lorakit_mixed_reused_routing"],
-        "decode_reference_vs_fast": decode["lorakit_mixed_reference"] / decode["lorakit_mixed"],
         "prefill_mixed_vs_single": prefill["lorakit_mixed"] / prefill["lorakit_single"],
-        "prefill_reference_vs_fast": prefill["lorakit_mixed_reference"] / prefill["lorakit_mixed"],
         "prefill_peft_mixed_vs_ours_mixed": prefill["peft_mixed"] / prefill["lorakit_mixed"],
     }
     setup = {"model": "SmolLM2-135M-Instruct", "targets": "all-linear", "ranks": list(RANKS), "dtype": "fp32",

@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("train_step.py", ["--batch", "4", "--seq", "128"]),
     ("train_step.py", ["--batch", "1", "--seq", "512"]),
     ("adapter_io.py", []),
+    ("mixed_batch.py", []),
 ]
 
 

@@ -135,27 +135,14 @@ class AdapterLayer(nn.Module):
                 "call unmerge_adapter() first."
             )
         result = self.base_layer(x, *args, **kwargs)
-        if not any(name in self.r for name, _, _ in routing.spans):
-            return result  # no row uses an adapter this layer holds
-        if routing.reference:
-            for name, rows in routing.groups(x.device):
-                if name in self.r:  # this layer may not be targeted by every adapter
-                    delta = self.lora_output(x.index_select(0, rows), name)
-                    result.index_add_(0, rows, delta.to(result.dtype))
+        if not routing.reference and self.use_gathered(x, routing):
+            for rows, weights in self.gathered_weights(routing, x.device):
+                result.index_add_(0, rows, self.gathered_output(x.index_select(0, rows), weights).to(result.dtype))
             return result
-        if self.use_gathered(x, routing):
-            for rows, x_weights in self.gathered_weights(routing, x.device):
-                delta = self.gathered_output(x.index_select(0, rows), x_weights)
+        for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
+            if name in self.r:  # this layer may not be targeted by every adapter
+                delta = self.lora_output(x.index_select(0, rows), name)
                 result.index_add_(0, rows, delta.to(result.dtype))
-            return result
-        # Grouped path: one gather (rows sorted by adapter), thin GEMMs on contiguous slices, one scatter.
-        order = routing.order(x.device)
-        x_sorted = x.index_select(0, order)
-        parts = [self.lora_output(x_sorted[lo:hi], name) if name in self.r else None for name, lo, hi in routing.spans]
-        like = next(p for p in parts if p is not None)
-        parts = [p if p is not None else like.new_zeros((hi - lo, *like.shape[1:]))
-                 for p, (_, lo, hi) in zip(parts, routing.spans, strict=True)]
-        result.index_add_(0, order, torch.cat(parts).to(result.dtype))
         return result
 
     # -- merge -----------------------------------------------------------------------------
