@@ -32,6 +32,19 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def small_llama(seed: int = 0) -> nn.Module:
+    """A tiny Llama whose layers are all 64+ wide: bitsandbytes' CPU 4-bit inference kernel
+    refuses narrower ones ("N must be divisible by block_n"); training mode does not mind."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

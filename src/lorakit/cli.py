@@ -88,9 +88,27 @@ def _or_exit(function, *args):
     """Run; an error we raise on purpose becomes a one-line message and exit code 2."""
     try:
         return function(*args)
-    except (LorakitError, FileNotFoundError, ValueError) as exc:
+    except (LorakitError, FileNotFoundError, FileExistsError, ValueError) as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+
+
+@app.command()
+def merge(
+    base: str = typer.Option(..., help="The full-precision base model (alias or local directory)."),
+    adapter: Path = typer.Option(..., help="The saved adapter directory."),
+    out: Path = typer.Option(..., help="Where to write the merged transformers model directory."),
+    dtype: str = typer.Option("fp32", help="Output dtype: fp32 | bf16 | fp16 (the merge itself runs in fp32)."),
+    requantize: str | None = typer.Option(None, help="Quantize the merged model: nf4 | fp4 | int8."),
+    verify_base: bool = typer.Option(True, help="Refuse an adapter trained on another base."),
+    overwrite: bool = typer.Option(False, help="Replace an existing model directory at --out."),
+) -> None:
+    """Merge an adapter into a full-precision base and save a standard model (optionally requantized)."""
+    from lorakit.merging import merge_to_dir
+
+    info = _or_exit(merge_to_dir, base, adapter, out, dtype, requantize, verify_base, overwrite)
+    typer.echo(f"merged {adapter} into {base}: {info['parameters']:,} parameters, {dtype}"
+               + (f", requantized to {requantize}" if requantize else "") + f" -> {out}")
 
 
 @app.command()

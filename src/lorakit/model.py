@@ -165,13 +165,28 @@ class PeftModel(nn.Module):
     # -- merge / unload ----------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters into the base weights (W += s·BA); all-or-nothing across the model."""
+        self._merge(adapter_names, safe_merge, allow_quantized=False)
+
+    def _merge(self, adapter_names: Sequence[str] | None, safe_merge: bool, allow_quantized: bool) -> None:
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         self._check_known(names)
         layers = self.base_model.adapter_layers()
         for layer in layers:  # every check on every layer before the first weight changes
-            layer.check_merge(names, check_finite=safe_merge)
+            layer.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)
+        lost = {}
         for layer in layers:
-            layer.merge(names, checked=True)
+            share = layer.merge(names, checked=True, allow_quantized=allow_quantized)
+            if share is not None:
+                lost[layer] = share
+        if lost:
+            worst = max(lost.values())
+            warnings.warn(
+                f"Merged into {len(lost)} quantized layers by dequantize -> merge -> requantize: the requantized "
+                f"weights miss W+ΔW by {sum(lost.values()) / len(lost):.1%} of the adapter's update ΔW on average "
+                f"(worst {worst:.1%}). That error is now baked into the model; for a faithful merge use "
+                "`lorakit merge` with a full-precision base.",
+                stacklevel=3,
+            )
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter again (restores weights to float rounding)."""
@@ -182,14 +197,19 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None,
+        allow_quantized_merge: bool = False,
     ) -> nn.Module:
-        """Merge (the active or given adapters) and return the plain base model with those weights."""
+        """Merge (the active or given adapters) and return the plain base model with those weights.
+
+        A quantized base is refused unless `allow_quantized_merge` (see `lorakit merge` for the
+        faithful way: merge into a full-precision base, then requantize if wanted).
+        """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
         merged = {n for layer in self.base_model.adapter_layers() for n in layer.merged_adapters}
         pending = [n for n in names if n not in merged]
         if pending:
-            self.merge_adapter(pending, safe_merge=safe_merge)
+            self._merge(pending, safe_merge, allow_quantized=allow_quantized_merge)
         return self.base_model.unwrap(keep_trained_copies=True)
 
     def unload(self) -> nn.Module:

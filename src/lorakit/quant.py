@@ -1,15 +1,27 @@
-"""Quantized base layers (bitsandbytes): reading their weights back as floats.
+"""Quantized base models (QLoRA) through bitsandbytes: load, prepare, read back, measure.
 
-bitsandbytes stores a 4-bit weight as `Params4bit` (packed uint8 plus a quant_state with
-the block scales and the logical shape) and an 8-bit one as `Int8Params` (int8 plus a
-per-row scale `SCB`, value = int8 · SCB / 127). Code that needs float values (the base
-fingerprint now; merging and footprint reports later) goes through `float_weight`.
+QLoRA (Dettmers et al. 2023): the frozen base is stored in 4-bit NormalFloat (NF4, levels
+at the quantiles of a normal distribution, blocks of 64 weights sharing one absmax scale),
+the absmax scales are quantized again to 8 bits in blocks of 256 ("double quantization",
+0.5 → 0.127 bits per parameter of overhead), and the LoRA adapters stay in 16/32-bit float
+and train through the dequantized weights.
+
+bitsandbytes stores a 4-bit weight as `Params4bit` (two 4-bit codes per uint8 byte plus a
+quant_state holding the absmax scales, the nested scales and the code tables) and an 8-bit
+one as `Int8Params` (int8 plus a per-row scale `SCB`, value = int8 · SCB / 127). We use its
+quantizer and kernels (it has a CPU backend); nothing here quantizes by hand.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+
+from lorakit.errors import ConfigError
+
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 
 
 def quant_kind(weight: torch.Tensor) -> str | None:
@@ -19,7 +31,8 @@ def quant_kind(weight: torch.Tensor) -> str | None:
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as a float32 tensor in its logical shape (dequantized if needed)."""
+    """The module's weight as a float32 tensor in its logical shape (dequantized if needed).
+    An fp32 weight is returned as itself, not copied: clone before writing to it."""
     weight = module.weight
     kind = quant_kind(weight)
     if kind == "4bit":
@@ -29,3 +42,115 @@ def float_weight(module: nn.Module) -> torch.Tensor:
     if kind == "8bit" and weight.dtype == torch.int8:
         return weight.data.float() * weight.SCB.float()[:, None] / 127.0
     return weight.detach().float()
+
+
+def requantize_like(old: torch.Tensor, values: torch.Tensor) -> nn.Parameter:
+    """`values` quantized by bitsandbytes with the same settings as the quantized weight `old`."""
+    import bitsandbytes as bnb
+
+    if quant_kind(old) == "4bit":
+        state = old.quant_state
+        new = bnb.nn.Params4bit(values.to(state.dtype).contiguous(), requires_grad=False, quant_type=state.quant_type,
+                                blocksize=state.blocksize, compress_statistics=state.nested,
+                                quant_storage=old.quant_storage)
+    else:
+        new = bnb.nn.Int8Params(values.to(torch.float16).contiguous(), requires_grad=False, has_fp16_weights=False)
+    return new.to(old.device)  # bitsandbytes quantizes when the parameter is moved to its device
+
+
+def bnb_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
+    """transformers' BitsAndBytesConfig for "nf4" | "fp4" | "int8"."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be one of {QUANTIZE_CHOICES} or None, got {quantize!r}.")
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(quant_kind(p) for p in model.parameters())
+
+
+def prepare_model_for_kbit_training(
+    model: nn.Module, use_gradient_checkpointing: bool = True, gradient_checkpointing_kwargs: dict | None = None
+) -> nn.Module:
+    """PEFT's recipe before training adapters on a 4/8-bit base.
+
+    Freeze every base parameter; cast the remaining 16-bit float parameters (norms,
+    embeddings, head) to fp32 for stable training; make the input embeddings' output require
+    grad, so gradients reach the adapters through checkpointed blocks whose inputs would
+    otherwise carry none; turn off the KV cache (useless in training, and incompatible with
+    checkpointing); enable non-reentrant gradient checkpointing.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if not quant_kind(param) and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+    if use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+@dataclass
+class Footprint:
+    """Measured bytes of a model's parts, from the real buffers."""
+
+    quantized_values: int = 0  # packed 4-bit codes / int8 values
+    quant_constants: int = 0  # per-block absmax (and nested absmax) / per-row scales
+    quant_tables: int = 0  # per-layer code tables (16 + 256 entries for NF4 with double quant)
+    float_weights: int = 0  # everything else of the base (norms, embeddings, head)
+    adapters: int = 0
+    quantized_params: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bits_per_quantized_param(self) -> float:
+        """Values plus block constants per parameter: ≈4.127 for NF4 with double quantization."""
+        return 8 * (self.quantized_values + self.quant_constants) / max(self.quantized_params, 1)
+
+    @property
+    def total(self) -> int:
+        return self.quantized_values + self.quant_constants + self.quant_tables + self.float_weights + self.adapters
+
+
+def footprint(model: nn.Module) -> Footprint:
+    """Bytes per part of a (possibly wrapped, possibly quantized) model, read from its buffers."""
+    result = Footprint()
+    seen: set[int] = set()
+    for name, param in model.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        kind = quant_kind(param)
+        if ".lora_" in name or ".modules_to_save." in name:
+            result.adapters += _nbytes(param)
+        elif kind == "4bit":
+            state = param.quant_state
+            result.quantized_values += _nbytes(param)
+            result.quantized_params += state.shape.numel()
+            result.quant_constants += _nbytes(state.absmax)
+            result.quant_tables += _nbytes(state.code)
+            if state.nested:
+                result.quant_constants += _nbytes(state.state2.absmax) + _nbytes(state.offset)
+                result.quant_tables += _nbytes(state.state2.code)
+            result.by_kind[state.quant_type] = result.by_kind.get(state.quant_type, 0) + state.shape.numel()
+        elif kind == "8bit":
+            result.quantized_values += _nbytes(param)
+            result.quantized_params += param.numel()
+            result.quant_constants += _nbytes(param.SCB) if getattr(param, "SCB", None) is not None else 0
+            result.by_kind["int8"] = result.by_kind.get("int8", 0) + param.numel()
+        else:
+            result.float_weights += _nbytes(param)
+    return result
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()

@@ -24,13 +24,12 @@ from torch import nn
 
 from lorakit.batching import Routing, current_routing
 from lorakit.errors import AdapterStateError, MergeError, RoutingError
-
-_QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+from lorakit.quant import float_weight, quant_kind, requantize_like
 
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:
     """bitsandbytes stores 4/8-bit weights as Params4bit / Int8Params (uint8 / int8 data)."""
-    return type(weight).__name__ in _QUANTIZED_PARAM_TYPES or not weight.dtype.is_floating_point
+    return quant_kind(weight) is not None or not weight.dtype.is_floating_point
 
 
 class AdapterLayer(nn.Module):
@@ -45,6 +44,7 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
         self.disable_adapters = False
+        self.merged_into_quantized = False  # a requantizing merge cannot be undone
 
     # HF model code sometimes reads these straight off a submodule (tied embeddings, T5).
     @property
@@ -146,17 +146,7 @@ class AdapterLayer(nn.Module):
         return result
 
     # -- merge -----------------------------------------------------------------------------
-    def _float_base_weight(self) -> torch.Tensor:
-        weight = self.base_layer.weight
-        if is_quantized_weight(weight):
-            raise MergeError(
-                f"{type(self.base_layer).__name__} stores quantized weights ({type(weight).__name__}, {weight.dtype}); "
-                "merging into them would bake the quantization error into the model. Load the base in full "
-                "precision and merge the saved adapter into that instead."
-            )
-        return weight
-
-    def check_merge(self, names: Sequence[str], check_finite: bool = False) -> None:
+    def check_merge(self, names: Sequence[str], check_finite: bool = False, allow_quantized: bool = False) -> None:
         """Raise if merging `names` here is not possible (already merged, quantized weights) or,
         with `check_finite`, would give NaN/Inf weights. Changes nothing."""
         held = [name for name in names if name in self.r]
@@ -165,26 +155,50 @@ class AdapterLayer(nn.Module):
         twice = [name for name in held if name in self.merged_adapters]
         if twice:
             raise AdapterStateError(f"Adapter(s) {twice} already merged; merging again would add them twice.")
-        weight = self._float_base_weight()
+        weight = self.base_layer.weight
+        if is_quantized_weight(weight) and not allow_quantized:
+            raise MergeError(
+                f"{type(self.base_layer).__name__} stores quantized weights ({type(weight).__name__}, {weight.dtype}); "
+                "merging into them would bake the quantization error into the model. Merge into a full-precision "
+                "base instead: `lorakit merge --base <full-precision model> --adapter <saved adapter> --out <dir> "
+                "[--requantize nf4]`. To merge into the quantized weights anyway, pass allow_quantized_merge=True "
+                "to merge_and_unload (it dequantizes, merges, requantizes and reports the error)."
+            )
         if check_finite:
-            merged = weight.data.clone()
+            merged = float_weight(self.base_layer).clone()  # an fp32 weight comes back as itself
             for name in held:
-                merged += self.delta_weight(name).to(weight.dtype)
+                merged += self.delta_weight(name).float()
                 if not torch.isfinite(merged).all():
                     raise MergeError(f"Merging adapter {name!r} gives NaN/Inf weights; the adapter seems broken.")
 
-    def merge(self, names: Sequence[str], safe_merge: bool = False, checked: bool = False) -> None:
-        """W += ΔW for each named adapter this layer holds (`checked`: the caller ran check_merge)."""
+    def merge(self, names: Sequence[str], safe_merge: bool = False, checked: bool = False,
+              allow_quantized: bool = False) -> float | None:
+        """W += ΔW for each named adapter this layer holds (`checked`: the caller ran check_merge).
+
+        Into quantized weights (only with `allow_quantized`): dequantize, add, requantize with
+        the same settings; returns ‖Q(W+ΔW) − (W+ΔW)‖ / ‖ΔW‖, the share of the update lost to
+        requantization. Such a merge cannot be undone.
+        """
         if not checked:
-            self.check_merge(names, check_finite=safe_merge)
-        for name in names:
-            if name in self.r:
-                weight = self.base_layer.weight
-                weight.data.add_(self.delta_weight(name).to(weight.dtype))
-                self.merged_adapters.append(name)
+            self.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)
+        held = [name for name in names if name in self.r]
+        weight = self.base_layer.weight
+        if held and is_quantized_weight(weight):
+            delta = sum(self.delta_weight(name).float() for name in held)
+            target = float_weight(self.base_layer) + delta
+            self.base_layer.weight = requantize_like(weight, target)
+            self.merged_adapters.extend(held)
+            self.merged_into_quantized = True
+            return ((float_weight(self.base_layer) - target).norm() / delta.norm().clamp_min(1e-12)).item()
+        for name in held:
+            weight.data.add_(self.delta_weight(name).to(weight.dtype))
+            self.merged_adapters.append(name)
+        return None
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """W -= ΔW, newest merge first. Restores W up to float rounding of one add and one subtract."""
+        if self.merged_into_quantized:
+            raise AdapterStateError("These adapters were merged into quantized weights, which cannot be undone.")
         names = list(self.merged_adapters) if names is None else list(names)
         for name in reversed(list(self.merged_adapters)):
             if name in names:

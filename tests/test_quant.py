@@ -1,0 +1,177 @@
+"""QLoRA: 4-bit/8-bit bases through transformers + bitsandbytes, training through them,
+measured footprint, and merging the right way (`lorakit merge`) or knowingly (requantize)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import lorakit
+from conftest import inputs_for, output_of, small_llama
+from lorakit.cli import app
+from lorakit.errors import MergeError
+from lorakit.models import load_base
+from lorakit.quant import float_weight, footprint, prepare_model_for_kbit_training, quant_kind
+
+# bitsandbytes' CPU 4-bit matmul dequantizes and multiplies in the compute dtype (fp32): tight.
+# Its int8 path casts activations to fp16 first, so outputs carry fp16 rounding: looser.
+TOLERANCE = {"nf4": 1e-5, "fp4": 1e-5, "int8": 5e-2}
+# In eval mode under no_grad bitsandbytes switches to a packed CPU 4-bit kernel whose
+# arithmetic is coarser (measured: up to ~2.3e-3 on these logits); allow 5e-3.
+INFERENCE_TOLERANCE = 5e-3
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-base")
+    small_llama().save_pretrained(path)
+    return path
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A float model with the quantized model's exact (dequantized) weights: the reference."""
+    reference = small_llama()
+    state = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "weight") and isinstance(module.weight, torch.Tensor) and "lora_" not in name:
+            key = name.replace(".base_layer", "").removeprefix("base_model.model.")
+            state[f"{key}.weight"] = float_weight(module).clone()
+    reference.load_state_dict(state, strict=False)
+    return reference
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
+def test_quantized_base_wraps_and_matches_a_dequantized_reference(base_dir, kind):
+    quantized = load_base(str(base_dir), quantize=kind)
+    assert quant_kind(quantized.model.layers[0].self_attn.q_proj.weight) == ("8bit" if kind == "int8" else "4bit")
+    config = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ours = lorakit.get_peft_model(quantized, lorakit.LoraConfig(**config))
+    reference = lorakit.get_peft_model(dequantized_copy(ours), lorakit.LoraConfig(**config))
+    reference.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    inputs = inputs_for(reference.get_base_model())
+    ours.train()  # the training path: bitsandbytes dequantizes and multiplies in fp32
+    torch.testing.assert_close(output_of(ours, inputs), output_of(reference, inputs), atol=TOLERANCE[kind], rtol=0)
+    ours.eval()  # inference under no_grad: bitsandbytes' CPU 4-bit kernel, in reduced precision
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(ours, inputs), output_of(reference, inputs), atol=INFERENCE_TOLERANCE, rtol=0)
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+
+
+def test_prepare_model_for_kbit_training(base_dir):
+    model = load_base(str(base_dir), quantize="nf4")
+    model.model.norm.weight.data = model.model.norm.weight.data.to(torch.bfloat16)
+    prepare_model_for_kbit_training(model)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.model.norm.weight.dtype == torch.float32
+    assert model.config.use_cache is False and model.is_gradient_checkpointing
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.get_input_embeddings()(ids).requires_grad  # gradients can flow through checkpointed blocks
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_few_qlora_steps_lower_the_loss(base_dir, kind):
+    torch.manual_seed(0)
+    model = prepare_model_for_kbit_training(load_base(str(base_dir), quantize=kind))
+    model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model.train()
+    batch = inputs_for(model.get_base_model(), batch=4, seq=12)
+    batch["labels"] = batch["input_ids"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_footprint_counts_the_real_buffers(base_dir):
+    model = load_base(str(base_dir), quantize="nf4")
+    report = footprint(lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=["q_proj"])))
+    linears = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    n = sum(m.weight.quant_state.shape.numel() for m in linears)
+    assert report.quantized_params == n and report.quantized_values == n // 2  # two 4-bit codes per byte
+    absmax = sum(-(-m.weight.quant_state.shape.numel() // 64) for m in linears)  # one uint8 scale per 64 weights
+    nested = sum(m.weight.quant_state.state2.absmax.numel() * 4 + 4 for m in linears)  # fp32 per 256 scales + offset
+    assert report.quant_constants == absmax + nested
+    assert report.adapters == 2 * 2 * (64 + 64) * 4
+    assert 4.12 < report.bits_per_quantized_param < 4.2  # tiny layers: the nested block is barely filled
+
+
+@pytest.mark.slow
+def test_footprint_of_smollm2_nf4_shows_the_qlora_paper_figure():
+    report = footprint(load_base(quantize="nf4"))
+    assert report.bits_per_quantized_param == pytest.approx(4.127, abs=0.001)
+
+
+def _adapter(base_dir, path):
+    model = lorakit.get_peft_model(load_base(str(base_dir)), lorakit.LoraConfig(r=4, lora_alpha=8,
+                                   target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(path)
+    return model
+
+
+def test_merge_into_a_quantized_base_is_refused_with_the_fix(base_dir, tmp_path):
+    _adapter(base_dir, tmp_path / "adapter")
+    model = lorakit.PeftModel.from_pretrained(load_base(str(base_dir), quantize="nf4"), tmp_path / "adapter")
+    with pytest.raises(MergeError, match="lorakit merge --base"):
+        model.merge_and_unload()
+
+
+def test_allow_quantized_merge_requantizes_and_reports_the_error(base_dir, tmp_path):
+    float_model = _adapter(base_dir, tmp_path / "adapter")
+    inputs = inputs_for(float_model.get_base_model())
+    float_merged = output_of(copy.deepcopy(float_model).merge_and_unload(), inputs)
+    model = lorakit.PeftModel.from_pretrained(load_base(str(base_dir), quantize="nf4"), tmp_path / "adapter")
+    unmerged_error = (output_of(model, inputs) - float_merged).abs().max().item()  # the 4-bit base's own error
+    with pytest.warns(UserWarning, match=r"miss W\+ΔW by \d+\.\d% of the adapter's update"):
+        merged = model.merge_and_unload(allow_quantized_merge=True)
+    assert quant_kind(merged.model.layers[0].self_attn.q_proj.weight) == "4bit"
+    merged_error = (output_of(merged, inputs) - float_merged).abs().max().item()
+    # The trap, measured: requantizing W+ΔW (here a large random ΔW widens each block's scale)
+    # is further from the float merge than keeping the adapter unmerged on the 4-bit base.
+    assert merged_error > unmerged_error > 0
+
+
+def test_merge_command_equals_a_float_merge(base_dir, tmp_path):
+    model = _adapter(base_dir, tmp_path / "adapter")
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                   "--out", str(tmp_path / "merged")])
+    assert run.exit_code == 0, run.output
+    merged = load_base(str(tmp_path / "merged")).state_dict()
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+
+    run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                   "--out", str(tmp_path / "merged-bf16"), "--dtype", "bf16"])
+    assert run.exit_code == 0, run.output
+    bf16 = load_base(str(tmp_path / "merged-bf16")).state_dict()
+    assert all(torch.equal(bf16[k], expected[k].to(torch.bfloat16)) for k in expected)
+
+    run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                   "--out", str(tmp_path / "merged-nf4"), "--requantize", "nf4"])
+    assert run.exit_code == 0, run.output
+    requantized = load_base(str(tmp_path / "merged-nf4"))
+    direct = load_base(str(tmp_path / "merged"), quantize="nf4")  # quantizing the float merge ourselves
+    for (name, a), (_, b) in zip(requantized.named_modules(), direct.named_modules(), strict=True):
+        if quant_kind(getattr(a, "weight", torch.empty(0))):
+            assert torch.equal(float_weight(a), float_weight(b)), name
+
+
+def test_merge_command_errors(base_dir, tmp_path):
+    _adapter(base_dir, tmp_path / "adapter")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                   "--out", str(tmp_path / "taken")])
+    assert run.exit_code == 2 and "not a model directory" in run.output
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+    run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
+                                   "--out", str(tmp_path / "x"), "--requantize", "int3"])
+    assert run.exit_code == 2 and "--requantize must be one of" in run.output
