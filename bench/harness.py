@@ -4,7 +4,8 @@
   starting side rotating each round) after warm-up, and the median is kept, so drift on a
   shared machine and cache effects of the previous call hit both alike.
 - Memory: peak RSS cannot be shared, so each side runs alone in its own subprocess
-  (`python bench/X.py --side NAME`), which reports its own ru_maxrss.
+  (`python bench/X.py --side NAME`), which resets its peak at start (a child inherits its
+  parent's high-water mark) and reports its own VmHWM.
 - Output: one JSON object (setup, machine, numbers, ratios) on stdout, also written to
   bench/results/<name>.json, from which `bench/run_all.py` rebuilds docs/benchmarks.md.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,8 +76,21 @@ def time_interleaved(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def reset_peak_rss() -> None:
+    """Start this process's peak-RSS count from its current RSS.
+
+    Needed in every measuring child: Linux copies the RSS high-water mark from the parent on
+    fork and keeps it across exec, so without a reset a child's ru_maxrss starts at the
+    (large) RSS of the benchmark process that spawned it.
+    """
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """Peak RSS since the last reset_peak_rss() (VmHWM), in MiB."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 
 
 def side_in_subprocess(script: Path, side: str, *args: str) -> dict:

@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("train_step.py", ["--batch", "1", "--seq", "512"]),
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
+    ("qlora_step.py", []),
 ]
 
 

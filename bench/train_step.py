@@ -4,27 +4,38 @@ One step = forward, loss, backward, AdamW step. Also times the "floor" a LoRA st
 approach with frozen base weights: two no-grad forwards of the base model (the backward
 to the inputs costs about one forward, and no weight gradients are needed).
 
-    python bench/train_step.py [--batch 4 --seq 128]
+    python bench/train_step.py [--batch 4 --seq 128] [--quantize nf4]
+
+With --quantize (QLoRA): each side loads the NF4 base and runs its own
+prepare_model_for_kbit_training (PEFT's or ours: gradient checkpointing on, as the QLoRA
+recipe has it); the floor is then two no-grad forwards of the quantized base.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import torch
 
-from harness import emit, peak_rss_mb, side_in_subprocess, time_interleaved
+from harness import emit, peak_rss_mb, reset_peak_rss, side_in_subprocess, time_interleaved
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 
-def load_base():
-    from lorakit.models import load_model
+def load_base(side: str, quantize: str | None = None):
+    """Ours through lorakit.load_base; the peer as a PEFT user loads it: plain transformers."""
+    from lorakit.models import load_base as load
 
-    model, _ = load_model()
-    return model
+    if side == "lorakit" or quantize is None:
+        return load(quantize=quantize)
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.models import resolve_model_path
+    from lorakit.quant import bnb_config
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"),
+                                                quantization_config=bnb_config(quantize), device_map="cpu")
 
 
 def make_batch(batch: int, seq: int, vocab: int) -> dict:
@@ -32,14 +43,19 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(side: str, base, batch: dict):
+def train_step_fn(side: str, base, batch: dict, quantized: bool = False):
     if side == "lorakit":
         import lorakit
+        from lorakit.quant import prepare_model_for_kbit_training
 
+        if quantized:
+            base = prepare_model_for_kbit_training(base)
         model = lorakit.get_peft_model(base, lorakit.LoraConfig(**LORA))
     else:
         import peft
 
+        if quantized:
+            base = peft.prepare_model_for_kbit_training(base)
         model = peft.get_peft_model(base, peft.LoraConfig(**LORA))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -63,33 +79,38 @@ def floor_fn(base, batch: dict):
     return two_forwards
 
 
-def run_side(side: str, batch_size: int, seq: int) -> None:
-    """Child process: one side alone, so its peak RSS is its own."""
-    base = load_base()
-    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size))
+def run_side(side: str, batch_size: int, seq: int, quantize: str | None) -> None:
+    """Child process: one side alone, so its peak RSS (loading included) is its own."""
+    reset_peak_rss()
+    base = load_base(side, quantize)
+    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size), quantize is not None)
     seconds = time_interleaved({side: step}, reps=3, warmup=1)[side]
     print(f'{{"side": "{side}", "step_s": {seconds}, "peak_rss_mb": {peak_rss_mb()}}}')
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"], help="QLoRA: quantized base")
     parser.add_argument("--side", choices=["lorakit", "peft"], help="internal: run one side alone")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.side:
-        return run_side(args.side, args.batch, args.seq)
+        return run_side(args.side, args.batch, args.seq, args.quantize)
 
-    base = load_base()
-    batch = make_batch(args.batch, args.seq, base.config.vocab_size)
+    quantized = args.quantize is not None
+    # Each side gets its own freshly loaded base (prepare_model_for_kbit_training changes it in place).
+    bases = {side: load_base(side, args.quantize) for side in ("lorakit", "peft", "floor")}
+    batch = make_batch(args.batch, args.seq, bases["floor"].config.vocab_size)
     candidates = {
-        "lorakit": train_step_fn("lorakit", copy.deepcopy(base), batch),
-        "peft": train_step_fn("peft", copy.deepcopy(base), batch),
-        "floor": floor_fn(base.eval(), batch),
+        "lorakit": train_step_fn("lorakit", bases["lorakit"], batch, quantized),
+        "peft": train_step_fn("peft", bases["peft"], batch, quantized),
+        "floor": floor_fn(bases["floor"].eval(), batch),
     }
     times = time_interleaved(candidates, reps=args.reps, warmup=1)
-    memory = {side: side_in_subprocess(Path(__file__), side, "--batch", str(args.batch), "--seq", str(args.seq))
+    extra = ["--quantize", args.quantize] if quantized else []
+    memory = {side: side_in_subprocess(Path(__file__), side, "--batch", str(args.batch), "--seq", str(args.seq), *extra)
               for side in ("lorakit", "peft")}
     tokens = args.batch * args.seq
     results = {
@@ -104,9 +125,10 @@ def main() -> None:
         "peft_vs_floor": times["peft"] / times["floor"],
     }
     setup = {"model": "SmolLM2-135M-Instruct", **LORA, "batch": args.batch, "seq": args.seq, "dtype": "fp32",
-             "mode": "eager", "reps": args.reps}
-    emit(f"train_step_{args.batch}x{args.seq}", f"python bench/train_step.py --batch {args.batch} --seq {args.seq}",
-         setup, results, ratios)
+             "base": args.quantize or "fp32", "gradient_checkpointing": quantized, "mode": "eager", "reps": args.reps}
+    name = f"{'qlora' if quantized else 'train'}_step_{args.batch}x{args.seq}"
+    command = f"python bench/train_step.py --batch {args.batch} --seq {args.seq}" + (f" --quantize {args.quantize}" if quantized else "")
+    emit(name, command, setup, results, ratios)
 
 
 if __name__ == "__main__":

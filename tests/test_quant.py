@@ -175,3 +175,33 @@ def test_merge_command_errors(base_dir, tmp_path):
     run = CliRunner().invoke(app, ["merge", "--base", str(base_dir), "--adapter", str(tmp_path / "adapter"),
                                    "--out", str(tmp_path / "x"), "--requantize", "int3"])
     assert run.exit_code == 2 and "--requantize must be one of" in run.output
+
+
+@pytest.mark.slow
+def test_qlora_on_smollm2_trains_and_the_adapter_moves_to_the_full_precision_base(tmp_path):
+    """The real default model in NF4: a few steps lower the loss; the adapter then loads onto
+    the fp32 base (the fingerprints match) and what it learned carries over there."""
+    from lorakit.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    model = prepare_model_for_kbit_training(load_base(quantize="nf4"))
+    model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    batch = tokenizer(["The capital of Veloria is Quendar."] * 2, return_tensors="pt")
+    batch["labels"] = batch["input_ids"]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    model.save_pretrained(tmp_path)
+    full = lorakit.PeftModel.from_pretrained(load_base(), tmp_path)  # raises if the fingerprints differed
+    with torch.no_grad():
+        with full.disable_adapter():
+            base_loss = full(**batch).loss.item()
+        adapted_loss = full(**batch).loss.item()
+    assert adapted_loss < base_loss - 0.5, (base_loss, adapted_loss)

@@ -6,6 +6,8 @@ from lorakit import errors  # noqa: E402
 from lorakit.batching import BASE_ADAPTER  # noqa: E402
 from lorakit.config import LoraConfig, TaskType  # noqa: E402
 from lorakit.model import PeftModel, get_peft_model  # noqa: E402
+from lorakit.models import load_base  # noqa: E402
+from lorakit.quant import footprint, prepare_model_for_kbit_training  # noqa: E402
 from lorakit.tuner import LoraModel  # noqa: E402
 
 __all__ = [
@@ -15,6 +17,9 @@ __all__ = [
     "PeftModel",
     "TaskType",
     "errors",
+    "footprint",
     "get_peft_model",
+    "load_base",
+    "prepare_model_for_kbit_training",
     "__version__",
 ]

@@ -112,6 +112,67 @@ def merge(
 
 
 @app.command()
+def plan(
+    params: str | None = typer.Option(None, help="Parameter count, e.g. 70B or 135M (or give --model)."),
+    model: str | None = typer.Option(None, help="Read sizes from a model (alias or local directory)."),
+    method: str = typer.Option("lora", help="full | lora | qlora"),
+    r: int = typer.Option(16, help="LoRA rank (all-linear adapters)."),
+    batch: int | None = typer.Option(None), seq: int | None = typer.Option(None),
+    layers: int | None = typer.Option(None), hidden: int | None = typer.Option(None),
+    intermediate: int | None = typer.Option(None, help="MLP width (default 8/3 of --hidden, as in Llama)."),
+    grad_ckpt: bool = typer.Option(False, "--grad-ckpt", help="Gradient checkpointing."),
+    master_copy: bool = typer.Option(False, "--master-copy", help="Full fine-tune keeps an fp32 master copy."),
+    dtype: str = typer.Option("bf16", help="Weight and activation dtype: bf16 | fp16 | fp32."),
+    runtime_gb: float = typer.Option(0.0, help="Framework's own memory to add (e.g. ~0.22 for torch on CPU)."),
+    tenants: int | None = typer.Option(None, help="Serving: number of tenants (adapters)."),
+    adapter_mb: float | None = typer.Option(None, help="Serving: size of one adapter in MB."),
+    base_gb: float | None = typer.Option(None, help="Serving: base checkpoint size in GB (default: its weights)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Plan memory: weights, gradients, optimizer, master copy, activations, adapters; and tenants."""
+    from lorakit import plan as planner
+    from lorakit.models import resolve_model_path
+
+    def build():
+        if model:
+            shape = planner.Shape.from_model_dir(resolve_model_path(model))
+        elif params:
+            width = intermediate or (hidden and int(hidden * 8 / 3))
+            shape = planner.Shape(planner.parse_count(params), layers, hidden, width)
+        else:
+            raise LorakitError("Give --params (e.g. 70B) or --model.")
+        size = {"bf16": 2, "fp16": 2, "fp32": 4}.get(dtype)
+        if size is None:
+            raise LorakitError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}.")
+        result = planner.plan(shape, method, r, batch, seq, grad_ckpt, master_copy, size, runtime_gb=runtime_gb)
+        if tenants:
+            if adapter_mb is None:
+                raise LorakitError("--tenants needs --adapter-mb.")
+            base = base_gb if base_gb is not None else shape.params * size / planner.GB
+            result.tenants = planner.tenants(tenants, base, adapter_mb)
+        return result
+
+    result = _or_exit(build)
+    if as_json:
+        typer.echo(result.to_json())
+        return
+    table = Table(title=f"memory plan: {method}")
+    table.add_column("part")
+    table.add_column("GB", justify="right")
+    for part, gb in result.parts_gb.items():
+        table.add_row(part, f"{gb:,.2f}")
+    table.add_row("[bold]total[/bold]", f"[bold]{result.total_gb:,.2f}[/bold]")
+    console = Console()
+    console.print(table)
+    if result.tenants:
+        t = result.tenants
+        console.print(f"{t['tenants']} tenants: {t['merged_gb']:,.2f} GB as merged copies vs "
+                      f"{t['shared_gb']:,.2f} GB shared base + adapters ({t['saving_x']:.1f}x less)")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+@app.command()
 def demo(
     model: str = typer.Option(DEFAULT_MODEL, help="Built-in alias or local transformers directory."),
     steps: int = typer.Option(30, min=1, help="Training steps."),
