@@ -72,7 +72,7 @@ def test_prepare_model_for_kbit_training(base_dir):
     assert model.get_input_embeddings()(ids).requires_grad  # gradients can flow through checkpointed blocks
 
 
-@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4", "int8"])
 def test_a_few_qlora_steps_lower_the_loss(base_dir, kind):
     torch.manual_seed(0)
     model = prepare_model_for_kbit_training(load_base(str(base_dir), quantize=kind))
