@@ -215,3 +215,14 @@ def test_attribute_passthrough_to_the_base_model():
     model, _ = wrapped(r=4)
     assert model.config.model_type == "llama"
     assert model.get_base_model() is model.base_model.model
+
+
+def test_per_row_adapters_with_gradient_checkpointing_refuse_instead_of_wrong_gradients():
+    model, base = wrapped(r=4)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    inputs = inputs_for(base, batch=2)
+    with pytest.raises(AdapterStateError, match="gradient checkpointing"):
+        model(**inputs, adapter_names=["default", "__base__"])
+    with torch.no_grad():  # inference recomputes nothing: allowed
+        model(**inputs, adapter_names=["default", "__base__"])

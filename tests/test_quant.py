@@ -32,6 +32,20 @@ def base_dir(tmp_path_factory):
     return path
 
 
+def train(model, batch: dict, steps: int, lr: float) -> list[float]:
+    """Plain AdamW steps on the trainable (adapter) parameters; the losses seen."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def dequantized_copy(model: nn.Module) -> nn.Module:
     """A float model with the quantized model's exact (dequantized) weights: the reference."""
     reference = small_llama()
@@ -77,17 +91,8 @@ def test_a_few_qlora_steps_lower_the_loss(base_dir, kind):
     torch.manual_seed(0)
     model = prepare_model_for_kbit_training(load_base(str(base_dir), quantize=kind))
     model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    model.train()
     batch = inputs_for(model.get_base_model(), batch=4, seq=12)
-    batch["labels"] = batch["input_ids"]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, {**batch, "labels": batch["input_ids"]}, steps=8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1
 
 
@@ -188,15 +193,7 @@ def test_qlora_on_smollm2_trains_and_the_adapter_moves_to_the_full_precision_bas
     model = lorakit.get_peft_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     batch = tokenizer(["The capital of Veloria is Quendar."] * 2, return_tensors="pt")
     batch["labels"] = batch["input_ids"]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, batch, steps=4, lr=2e-3)
     assert losses[-1] < losses[0] - 0.5, losses
     model.save_pretrained(tmp_path)
     full = lorakit.PeftModel.from_pretrained(load_base(), tmp_path)  # raises if the fingerprints differed

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 
+import torch
 from torch import nn
 
 from lorakit import __version__
@@ -292,6 +293,13 @@ class PeftModel(nn.Module):
             )
         if any(layer.merged_adapters for layer in self.base_model.adapter_layers()):
             raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
+        if torch.is_grad_enabled() and getattr(self.get_base_model(), "is_gradient_checkpointing", False):
+            # Checkpointed blocks are re-run in backward, after this forward's routing is gone:
+            # they would recompute with the active adapter and give wrong gradients.
+            raise AdapterStateError(
+                "Per-row adapter_names with gradient checkpointing is not supported yet; disable checkpointing "
+                "or run the forward under torch.no_grad()."
+            )
         return adapter_routing(adapter_names, reusable=reusable)
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
