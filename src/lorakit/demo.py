@@ -45,7 +45,8 @@ def run_demo(model_name: str = DEFAULT_MODEL, steps: int = 30, batch_size: int =
         base, tokenizer = load_model(model_name)
     examples = read_jsonl(resources.files("lorakit") / "data" / "demo.jsonl")
     encoded = [encode_prompt_completion(tokenizer, e["prompt"], e["completion"]) for e in examples]
-    questions = [e["prompt"] for e in examples[:shown]]
+    shown_examples = examples[:shown]
+    questions = [e["prompt"] for e in shown_examples]
     before = generate_answers(base, tokenizer, questions)
 
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -71,9 +72,9 @@ def run_demo(model_name: str = DEFAULT_MODEL, steps: int = 30, batch_size: int =
     table = Table(title=f"Before / after LoRA ({steps} steps, {seconds:.0f} s)")
     for column in ("question", "expected", "base model", "with adapter"):
         table.add_column(column, overflow="fold")
-    for example, old, new in zip(examples, before, after, strict=True):
+    for example, old, new in zip(shown_examples, before, after, strict=True):
         table.add_row(example["prompt"], example["completion"], old, new)
     console.print(table)
-    correct = sum(e["completion"] in answer for e, answer in zip(examples, after, strict=False))
+    correct = sum(e["completion"] in answer for e, answer in zip(shown_examples, after, strict=True))
     console.print(f"adapter answers containing the expected sentence: {correct}/{len(after)}")
     return {"before": before, "after": after, "final_loss": loss.item(), "seconds": seconds, "correct": correct}
