@@ -23,6 +23,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterConfigError, AdapterWeightsError, ConfigError
 from lorakit.fingerprint import base_modules
+from lorakit.layers import inner_module
 from lorakit.layers.base import AdapterLayer
 from lorakit.layers.lora import LoraEmbedding, linear_features
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
@@ -84,7 +85,7 @@ def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         return tensor
 
     for path in targets:
-        layer = modules[path].base_layer if isinstance(modules[path], AdapterLayer) else modules[path]
+        layer = inner_module(modules[path])
         r = config.rank_for(path)
         if isinstance(layer, nn.Embedding):
             names = (f"{PREFIX}{path}.lora_embedding_A", f"{PREFIX}{path}.lora_embedding_B")
@@ -98,10 +99,9 @@ def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         plan.lora[path] = (take(names[0], shapes[0], what), take(names[1], shapes[1], what))
 
     for path in to_save:
-        original = modules[path].original_module if isinstance(modules[path], ModulesToSaveWrapper) else modules[path]
         plan.saved_modules[path] = {
             key: take(f"{PREFIX}{path}.{key}", tuple(ref.shape), f"{path} is saved whole (modules_to_save)")
-            for key, ref in original.state_dict().items()
+            for key, ref in inner_module(modules[path]).state_dict().items()
         }
 
     base_params = base_parameters(base)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapter_state import PREFIX
+from lorakit.errors import AdapterWeightsError
 from lorakit.fingerprint import short_id
 from lorakit.io import CHECKSUM_KEY, CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, write_adapter
 
@@ -57,7 +58,7 @@ def convert_pickle(directory: str | os.PathLike) -> Path:
     source = root / "adapter_model.bin"
     state = torch.load(source, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source} does not hold a flat dict of tensors.")
+        raise AdapterWeightsError(f"{source} does not hold a flat dict of tensors; it is not an adapter.")
     config = read_config(root / CONFIG_NAME)
     write_adapter(root, config, state, {"lorakit.converted_from": "adapter_model.bin"})
     return root / WEIGHTS_NAME

@@ -40,9 +40,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterBaseMismatch
-from lorakit.layers.base import AdapterLayer
+from lorakit.layers import inner_module
 from lorakit.layers.lora import conv1d_type, linear_features
-from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.quant import float_weight, quant_kind
 
 VERSION = 1
@@ -52,18 +51,12 @@ QUANTIZED_TOLERANCE = 0.30
 MAX_NORMS = 8
 
 
-def _unwrapped(module: nn.Module) -> nn.Module:
-    while isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-        module = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
-    return module
-
-
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Named modules of the base model as it was before wrapping (adapters are looked through)."""
     stack = [("", model)]
     while stack:
         prefix, module = stack.pop()
-        module = _unwrapped(module)
+        module = inner_module(module)
         yield prefix, module
         children = [(f"{prefix}.{name}" if prefix else name, child) for name, child in module.named_children()]
         stack.extend(reversed(children))  # depth-first, in definition order

@@ -29,6 +29,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, ConfigError, RoutingError
 from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
 from lorakit.io import FINGERPRINT_KEY, AdapterFiles, adapter_dir, read_adapter, write_adapter
+from lorakit.quant import quant_kind
 from lorakit.targets import SEQ_CLS_HEADS
 from lorakit.tuner import LoraModel
 
@@ -107,7 +108,7 @@ class PeftModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left without adapters are unwrapped back to the original."""
         self._check_known([adapter_name])
-        if any(adapter_name in m.merged_adapters for m in self.base_model.adapter_layers()):
+        if adapter_name in self._merged_names():
             raise AdapterStateError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
         self.base_model.remove_adapter(adapter_name)
         del self.peft_config[adapter_name]
@@ -117,7 +118,7 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block (adapters are kept, just skipped)."""
-        if any(m.merged_adapters for m in self.base_model.adapter_layers()):
+        if self._merged_names():
             raise AdapterStateError("Adapters are merged into the weights; call unmerge_adapter() before disabling.")
         modules = self.base_model.tuner_modules()
         for m in modules:
@@ -127,6 +128,10 @@ class PeftModel(nn.Module):
         finally:
             for m in modules:
                 m.disable_adapters = False
+
+    def _merged_names(self) -> set[str]:
+        """Adapters merged into the weights of at least one layer."""
+        return {name for layer in self.base_model.adapter_layers() for name in layer.merged_adapters}
 
     def _check_known(self, names: Sequence[str]) -> None:
         for name in names:
@@ -191,10 +196,9 @@ class PeftModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter again (restores weights to float rounding)."""
-        layers = self.base_model.adapter_layers()
-        if not any(layer.merged_adapters for layer in layers):
+        if not self._merged_names():
             warnings.warn("No adapter is merged; nothing to unmerge.", stacklevel=2)
-        for layer in layers:
+        for layer in self.base_model.adapter_layers():
             layer.unmerge()
 
     def merge_and_unload(
@@ -207,7 +211,7 @@ class PeftModel(nn.Module):
         faithful way: merge into a full-precision base, then requantize if wanted).
         """
         names = list(adapter_names) if adapter_names is not None else self.active_adapters
-        merged = {n for layer in self.base_model.adapter_layers() for n in layer.merged_adapters}
+        merged = self._merged_names()
         pending = [n for n in names if n not in merged]
         if pending:
             self._merge(pending, safe_merge, allow_quantized=allow_quantized_merge)
@@ -257,7 +261,7 @@ class PeftModel(nn.Module):
         self._check_new_name(adapter_name)
         files, config = _read_checked(model_id, is_trainable, verify_integrity)
         config = self._resolve(config)
-        verify_base_fingerprint(files, self.base_fingerprint, self._base_name(), verify_base)
+        verify_base_fingerprint(files, self.base_fingerprint, name_or_path(self.get_base_model()), verify_base)
         plan = plan_load(self.get_base_model(), config, files.tensors, files.directory)
         self._install(adapter_name, config, plan)
 
@@ -271,13 +275,9 @@ class PeftModel(nn.Module):
             raise AdapterStateError("The model is already a PeftModel; use model.load_adapter(path, name) instead.")
         files, config = _read_checked(model_id, is_trainable, verify_integrity)
         config = resolve_config(model, config)
-        base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
-        verify_base_fingerprint(files, base_fingerprint(model), base_name, verify_base)
+        verify_base_fingerprint(files, base_fingerprint(model), name_or_path(model), verify_base)
         plan = plan_load(model, config, files.tensors, files.directory)
         return cls(model, config, adapter_name, _load_plan=plan)
-
-    def _base_name(self) -> str | None:
-        return getattr(getattr(self.get_base_model(), "config", None), "_name_or_path", None)
 
     # -- running -------------------------------------------------------------------------------
     def _routing(self, adapter_names: Sequence[str] | None, reusable: bool = False):
@@ -291,7 +291,7 @@ class PeftModel(nn.Module):
                 f"adapter_names has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)} "
                 f"(use {BASE_ADAPTER!r} for rows without an adapter)."
             )
-        if any(layer.merged_adapters for layer in self.base_model.adapter_layers()):
+        if self._merged_names():
             raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
         if torch.is_grad_enabled() and getattr(self.get_base_model(), "is_gradient_checkpointing", False):
             # Checkpointed blocks are re-run in backward, after this forward's routing is gone:
@@ -321,7 +321,7 @@ class PeftModel(nn.Module):
         trainable = total = 0
         for _, param in self.named_parameters():
             count = param.numel()
-            if type(param).__name__ == "Params4bit":  # two 4-bit values per stored byte
+            if quant_kind(param) == "4bit":  # two 4-bit values per stored byte
                 itemsize = getattr(getattr(param, "quant_storage", None), "itemsize", 1)
                 count = count * 2 * itemsize
             total += count
@@ -333,6 +333,11 @@ class PeftModel(nn.Module):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+
+def name_or_path(model: nn.Module) -> str | None:
+    """Where a transformers model was loaded from (its config's _name_or_path), if known."""
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
 def resolve_config(model: nn.Module, peft_config: LoraConfig, model_task: str | None = None) -> LoraConfig:
@@ -347,7 +352,7 @@ def resolve_config(model: nn.Module, peft_config: LoraConfig, model_task: str | 
         raise ConfigError(f"Expected a lorakit.LoraConfig, got {type(peft_config).__name__}.")
     config = copy.deepcopy(peft_config)
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config.base_model_name_or_path = name_or_path(model)
     present = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
     wanted = [m for m in (config.modules_to_save or []) if m not in SEQ_CLS_HEADS or m in present]
     if "SEQ_CLS" in (config.task_type, model_task):

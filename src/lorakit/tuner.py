@@ -14,6 +14,7 @@ from torch import nn
 
 from lorakit.adapter_state import LoadPlan
 from lorakit.config import LoraConfig
+from lorakit.layers import inner_module
 from lorakit.layers.base import AdapterLayer
 from lorakit.layers.lora import LoraEmbedding, LoraLinear, linear_features
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
@@ -86,7 +87,7 @@ class LoraModel(nn.Module):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) and adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
                 if not module.adapters:
-                    self._replace(name, _inner(module))
+                    self._replace(name, inner_module(module))
 
     def unwrap(self, keep_trained_copies: bool) -> nn.Module:
         """Replace every wrapper by what it wraps; return the plain model.
@@ -105,10 +106,6 @@ class LoraModel(nn.Module):
     def _replace(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, new)
-
-
-def _inner(module: AdapterLayer | ModulesToSaveWrapper) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayer) else module.original_module
 
 
 def _new_layer(module: nn.Module, config: LoraConfig) -> AdapterLayer:
