@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
     ("qlora_step.py", []),
+    ("demo_quality.py", []),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,19 @@ def twin(builder, adapter_name: str = "default", **config):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+# -- the training job's tiny chat model (tests/chat_model.py) ------------------------------------
+@pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    from chat_model import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@pytest.fixture(scope="session")
+def wide_chat_model_dir(tmp_path_factory) -> Path:
+    """64 wide: bitsandbytes' CPU 4-bit inference kernel refuses narrower layers (see small_llama)."""
+    from chat_model import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("wide-chat-model"), hidden=64)

@@ -1,15 +1,23 @@
-"""`make demo` runs `lorakit demo`: the real model, trained briefly, shown before and after."""
+"""`make demo` runs `lorakit demo`: the training job on the real model and the bundled facts."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from lorakit.demo import run_demo
+import pytest
+from typer.testing import CliRunner
+
+from lorakit.cli import app
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_the_adapter_learns():
-    result = run_demo(steps=12, shown=2)
-    assert len(result["before"]) == len(result["after"]) == 2
-    assert result["final_loss"] < 0.5  # from ~2.4 at step 1 on the bundled made-up facts
-    assert result["after"] != result["before"]
+def test_demo_runs_the_job_end_to_end_and_the_adapter_learns(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--output-dir", str(out), "--set", "train.max_steps=14",
+                                      "--set", "train.save_steps=7", "--set", "train.eval_steps=7"])
+    assert result.exit_code == 0, result.output
+    assert "Before / after" in result.output and str(out / "report.md") in result.output.replace("\n", "")
+    comparison = json.loads((out / "summary.json").read_text())["comparison"]
+    assert comparison["base"]["contains_match"] == 0  # the facts are made up: the base model cannot know them
+    assert comparison["adapter"]["loss"] < 0.5 * comparison["base"]["loss"]
+    assert comparison["adapter"]["contains_match"] >= 0.5

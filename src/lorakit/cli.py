@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import lorakit
@@ -89,7 +91,7 @@ def _or_exit(function, *args):
     try:
         return function(*args)
     except (LorakitError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
 
 
@@ -173,12 +175,60 @@ def plan(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="The job's YAML file (see `lorakit train --help` and the README)."),
+    set_: list[str] = typer.Option([], "--set", help="Override one value, e.g. --set train.max_steps=10 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
+) -> None:
+    """Train a LoRA adapter from a YAML config: checkpoints, progress, loss plot and a before/after report."""
+    from lorakit.train.config import load_job_config
+    from lorakit.train.job import run_train
+
+    job = _or_exit(load_job_config, config, set_)
+    _or_exit(run_train, job, resume, overwrite)
+
+
+@app.command(name="eval")
+def evaluate(
+    adapter: Path = typer.Option(..., help="A saved adapter directory."),
+    data: Path = typer.Option(..., help="Eval data: JSONL, JSON or CSV (messages, prompt/completion or text)."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Built-in alias or local transformers directory."),
+    data_format: str = typer.Option("auto", "--format", help="messages | prompt_completion | text | auto"),
+    quantize: str | None = typer.Option(None, help="Load the base in nf4 | fp4 | int8."),
+    max_examples: int = typer.Option(64, min=1), max_new_tokens: int = typer.Option(48, min=1),
+    max_seq_len: int = typer.Option(512, min=1), samples: int = typer.Option(3, min=0),
+    as_json: bool = typer.Option(False, "--json", help='Print {"base": {...}, "adapter": {...}}.'),
+) -> None:
+    """Compare the base model with base + adapter on a data set: loss, perplexity, exact/contains match."""
+    from lorakit.train.config import DATA_FORMATS, QUANTIZE
+    from lorakit.train.job import run_eval
+    from lorakit.train.report import print_comparison
+
+    def checked():
+        if data_format not in DATA_FORMATS or quantize not in QUANTIZE:
+            raise LorakitError(f"--format must be one of {DATA_FORMATS}; --quantize one of nf4, fp4, int8.")
+        return run_eval(model, adapter, data, data_format, max_seq_len, quantize, max_examples, max_new_tokens, samples)
+
+    result = _or_exit(checked)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        print_comparison(result)
+
+
+@app.command()
 def demo(
     model: str = typer.Option(DEFAULT_MODEL, help="Built-in alias or local transformers directory."),
-    steps: int = typer.Option(30, min=1, help="Training steps."),
-    lr: float = typer.Option(2e-3, help="Learning rate."),
+    output_dir: str = typer.Option("runs/demo", help="Where the run goes (a previous demo run there is replaced)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a value of the demo config, e.g. train.max_steps=10."),
 ) -> None:
-    """Train a LoRA adapter on bundled made-up facts and show answers before and after."""
-    from lorakit.demo import run_demo
+    """The main job on the default model: made-up facts the base gets wrong, learned in ~1 minute."""
+    from importlib import resources
 
-    run_demo(model_name=model, steps=steps, lr=lr)
+    from lorakit.train.config import load_job_config
+    from lorakit.train.job import run_train
+
+    with resources.as_file(resources.files("lorakit") / "data" / "demo.yaml") as path:
+        job = _or_exit(load_job_config, path, [f"model={model}", f"output_dir={output_dir}", *set_])
+    _or_exit(run_train, job, False, True)

@@ -75,3 +75,7 @@ class AdapterWeightsError(AdapterError):
 
 class AdapterBaseMismatch(AdapterError):
     """The adapter was trained on a different base model than the one it is being loaded onto."""
+
+
+class DataError(ConfigError):
+    """A training/eval data file is missing, unreadable, empty, or fits no known format."""

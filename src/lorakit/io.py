@@ -26,6 +26,8 @@ import json
 import os
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,26 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 
 # -- writing -----------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; once the block wrote it, fsync and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        yield staged
+        with open(staged, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as staged:
+        staged.write_text(text, encoding="utf-8")
+
+
 def write_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write one adapter directory atomically (see the module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)

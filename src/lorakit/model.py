@@ -35,6 +35,10 @@ from lorakit.tuner import LoraModel
 
 
 class PeftModel(nn.Module):
+    # Tells transformers' Trainer that this (possibly quantized) model carries trainable
+    # adapters; it otherwise refuses to fine-tune a quantized model it does not know as PEFT's.
+    _hf_peft_config_loaded = True
+
     def __init__(
         self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
     ):
@@ -302,7 +306,21 @@ class PeftModel(nn.Module):
             )
         return adapter_routing(adapter_names, reusable=reusable)
 
-    def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, *,
+        position_ids=None, token_type_ids=None, adapter_names: Sequence[str] | None = None, **kwargs,
+    ):
+        """The base model's forward, with the adapters (and per-row `adapter_names`) applied.
+
+        The common inputs are named (PEFT's PeftModelForCausalLM signature) because HF Trainer
+        reads this signature: it finds `labels` there (without it, evaluation computes no loss)
+        and drops dataset columns not named here. Only the inputs given are passed on, and the
+        first one positionally, so a plain `nn.Module` base still gets `model(x)`.
+        """
+        named = {"attention_mask": attention_mask, "inputs_embeds": inputs_embeds, "labels": labels,
+                 "position_ids": position_ids, "token_type_ids": token_type_ids}
+        kwargs |= {key: value for key, value in named.items() if value is not None}
+        args = (input_ids,) if input_ids is not None else ()
         with self._routing(adapter_names):
             return self.get_base_model()(*args, **kwargs)
 

@@ -1,47 +1,295 @@
-"""Turning examples into token ids and labels, with the loss on the answer only.
+"""Training data: files → records → token ids and labels, with the loss on the answer only.
 
-A prompt/completion pair is rendered with the tokenizer's chat template (user turn plus
-the assistant header), then the completion and the end-of-turn token are appended.
-Prompt positions get label -100, so the loss (and the gradient) comes only from the
-tokens the model should learn to produce.
+Three formats, decided from the columns (or `data.format`):
+
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}  chat
+    {"prompt": ..., "completion": ...}                                             TRL's convention
+    {"text": ...}                                                                  plain text
+
+A chat is rendered with the tokenizer's chat template; the loss covers the assistant turns
+only (each turn's span is the difference between the chat rendered up to the turn's
+generation prompt and rendered through the turn). A prompt/completion pair is the chat
+[user: prompt, assistant: completion] when the tokenizer has a template (instruct models
+expect it), else the plain concatenation prompt + completion + EOS (TRL's rule). Positions
+without loss get label -100, which torch's cross-entropy skips. `train_on_prompt` puts the
+loss on every token.
+
+Examples longer than `max_seq_len` are cut; the cut is counted, and an example left with
+no loss tokens is dropped (also counted).
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import json
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from lorakit.errors import DataError
+
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
+FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The chat-formatted prompt, ending where the assistant's answer begins."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int] | None = None  # what generation starts from (None for plain text)
+    reference: str | None = None  # the expected answer, for exact/contains match
+    question: str | None = None  # the prompt as a person wrote it, for the report
+    truncated: bool = False
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0  # cut so short that no loss token was left
+    tokens: int = 0
+    loss_tokens: int = 0
+    longest: int = 0
+
+    def add(self, example: Example) -> None:
+        self.examples += 1
+        self.truncated += example.truncated
+        self.tokens += len(example.input_ids)
+        self.loss_tokens += sum(label != IGNORE_INDEX for label in example.labels)
+        self.longest = max(self.longest, len(example.input_ids))
+
+
+@dataclass
+class Dataset:
+    """Encoded examples (a list is all HF Trainer needs: __len__ and __getitem__)."""
+
+    examples: list[Example]
+    stats: DataStats = field(default_factory=DataStats)
+    format: str = "text"
+    rows: list[dict[str, list[int]]] | None = None  # packed rows, when packing
+
+    def __len__(self) -> int:
+        return len(self.rows if self.rows is not None else self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if self.rows is not None:
+            return self.rows[index]
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+# -- reading files ---------------------------------------------------------------------------
+def read_records(path: Path) -> list[dict]:
+    """Records from JSONL (one object per line), JSON (a list of objects) or CSV (a header row)."""
+    if not path.is_file():
+        raise DataError(f"Data file {str(path)!r} not found.")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".csv":
+        records = list(csv.DictReader(text.splitlines()))
+    elif suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}.") from None
+    else:  # .jsonl, .json holding JSON lines, anything else
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}): {line[:80]!r}") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, record {number}: expected a JSON object, got {type(record).__name__}.")
+    if not records:
+        raise DataError(f"{path}: the data set is empty (no records).")
+    return records
+
+
+def detect_format(records: list[dict], path: Path, requested: str = "auto") -> str:
+    """The format named in the config, or the one the first record's columns fit; every record is checked."""
+    if requested == "auto":
+        columns = set(records[0])
+        fitting = [name for name, needed in FORMAT_COLUMNS.items() if set(needed) <= columns]
+        if not fitting:
+            raise DataError(
+                f"{path}: the columns {sorted(columns)} fit no data format. Expected 'messages' (chat), "
+                "'prompt' + 'completion', or 'text'."
+            )
+        requested = fitting[0]
+    needed = FORMAT_COLUMNS[requested]
+    for number, record in enumerate(records, start=1):
+        missing = [c for c in needed if record.get(c) in (None, "")]
+        if missing:
+            raise DataError(
+                f"{path}, record {number}: format {requested!r} needs {list(needed)}; missing {missing} "
+                f"(columns found: {sorted(record)})."
+            )
+    return requested
+
+
+# -- encoding -----------------------------------------------------------------------------------
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
-    head = prompt_ids(tokenizer, prompt)
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> Example:
+    """Token ids of a rendered chat; labels on the assistant turns (or on everything)."""
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise DataError(f"each message needs 'role' and 'content'; got {messages!r:.120}")
+    ids = chat_ids(tokenizer, messages)
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
+    last_prompt: list[int] = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True)
+        end = len(chat_ids(tokenizer, messages[: turn + 1]))
+        if ids[: len(head)] != head:
+            raise DataError("the chat template renders a conversation's prefix differently from the whole "
+                            "conversation, so assistant turns cannot be located; use train_on_prompt: true.")
+        labels[len(head):end] = ids[len(head):end]
+        last_prompt = head
+    reference = messages[-1]["content"] if messages[-1]["role"] == "assistant" else None
+    asked = [m["content"] for m in messages[:-1] if m["role"] != "assistant"]
+    return Example(ids, labels, last_prompt or None, reference, asked[-1] if asked else None)
+
+
+def encode_prompt_completion(tokenizer, prompt, completion, train_on_prompt: bool = False,
+                             chat_template: bool = True) -> Example:
+    """TRL's prompt/completion: as a chat when the tokenizer has a template, else concatenated text."""
+    if isinstance(prompt, list):  # TRL's conversational prompt/completion
+        completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return encode_chat(tokenizer, prompt + completion, train_on_prompt)
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                           train_on_prompt)
+    head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     answer = tokenizer(completion + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
-    return {"input_ids": head + answer, "labels": [IGNORE_INDEX] * len(head) + answer}
+    labels = (head if train_on_prompt else [IGNORE_INDEX] * len(head)) + answer
+    return Example(head + answer, labels, head, completion, prompt)
 
 
-def pad_batch(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples into tensors (labels padded with -100)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        ids[row, :n] = torch.tensor(example["input_ids"])
-        labels[row, :n] = torch.tensor(example["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def encode_text(tokenizer, text: str) -> Example:
+    ids = tokenizer(text + tokenizer.eos_token, add_special_tokens=True)["input_ids"]
+    return Example(ids, list(ids))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def encode_record(tokenizer, record: dict, fmt: str, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
+    if fmt == "messages":
+        return encode_chat(tokenizer, record["messages"], train_on_prompt)
+    if fmt == "prompt_completion":
+        return encode_prompt_completion(tokenizer, record["prompt"], record["completion"], train_on_prompt, chat_template)
+    return encode_text(tokenizer, record["text"])
+
+
+def truncate(example: Example, max_len: int) -> Example:
+    if len(example.input_ids) <= max_len:
+        return example
+    return dataclasses.replace(example, input_ids=example.input_ids[:max_len], labels=example.labels[:max_len],
+                               truncated=True)
+
+
+def load_dataset(path: Path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, train_on_prompt: bool = False,
+                 chat_template: bool = True) -> Dataset:
+    """Read, check and encode one file; errors name the file, the line and what to change."""
+    records = read_records(path)
+    fmt = detect_format(records, path, fmt)
+    stats = DataStats()
+    examples = []
+    shortest = None
+    for number, record in enumerate(records, start=1):
+        try:
+            full = encode_record(tokenizer, record, fmt, train_on_prompt, chat_template)
+        except DataError as exc:
+            raise DataError(f"{path}, record {number}: {exc}") from None
+        shortest = min(shortest or len(full.input_ids), len(full.input_ids))
+        example = truncate(full, max_seq_len)
+        if not any(label != IGNORE_INDEX for label in example.labels[1:]):  # label 0 is never predicted
+            stats.dropped += 1
+            stats.truncated += example.truncated
+            continue
+        stats.add(example)
+        examples.append(example)
+    if not examples:
+        raise DataError(
+            f"{path}: all {len(records)} examples are longer than data.max_seq_len={max_seq_len} before their first "
+            f"answer token (the shortest has {shortest} tokens); raise data.max_seq_len."
+        )
+    return Dataset(examples, stats, fmt)
+
+
+def split_eval(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out `fraction` of the examples (at least one, and at least one left to train on)."""
+    if len(data.examples) < 2:
+        raise DataError("data.eval is not set and the training set has a single example; add data.eval or more data.")
+    order = list(range(len(data.examples)))
+    random.Random(seed).shuffle(order)
+    count = min(max(1, round(fraction * len(order))), len(order) - 1)
+    held, kept = sorted(order[:count]), sorted(order[count:])
+    parts = []
+    for indices in (kept, held):
+        part = Dataset([data.examples[i] for i in indices], DataStats(), data.format)
+        for example in part.examples:
+            part.stats.add(example)
+        part.stats.truncated = sum(e.truncated for e in part.examples)
+        parts.append(part)
+    parts[0].stats.dropped = data.stats.dropped
+    return parts[0], parts[1]
+
+
+# -- packing and batching -------------------------------------------------------------------
+def pack(examples: list[Example], max_len: int) -> list[dict[str, list[int]]]:
+    """Greedy first-fit packing into rows of at most `max_len` tokens.
+
+    Each row carries position_ids that restart at 0 for every example. Given position_ids,
+    no attention mask and no KV cache, transformers builds a block-diagonal causal mask from
+    them (`find_packed_sequence_indices`), so no example attends to another (tested on Llama;
+    a model whose attention ignores position_ids would leak). The first
+    label of each example is -100: the shifted loss would otherwise predict it from the
+    previous example's last token.
+    """
+    rows: list[dict[str, list[int]]] = []
+    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(example.input_ids)
+        row = next((r for r in rows if len(r["input_ids"]) + n <= max_len), None)
+        if row is None:
+            row = {"input_ids": [], "labels": [], "position_ids": []}
+            rows.append(row)
+        row["input_ids"] += example.input_ids
+        row["labels"] += [IGNORE_INDEX] + example.labels[1:]
+        row["position_ids"] += list(range(n))
+    return rows
+
+
+class Collator:
+    """Right-pads a batch into tensors; packed rows keep position_ids and get no attention mask."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+            if packed:  # padding is a segment of its own: positions restart at 0
+                positions[i, :n] = torch.tensor(row["position_ids"])
+                positions[i, n:] = torch.arange(width - n)
+        if packed:  # a KV cache (on by default in eval) would turn the packed-sequence detection off
+            return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

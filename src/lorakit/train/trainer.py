@@ -1,0 +1,95 @@
+"""`LoraTrainer`: HF Trainer, checkpointing adapters only, complete-or-ignored, resumable.
+
+HF Trainer saves a model it does not know (ours is not a transformers `PreTrainedModel`)
+as its full state dict — the frozen base included — and cannot resume from an adapter
+file. `AdapterCheckpoints` changes three things and nothing else, for any Trainer subclass
+(`LoraTrainer` = it + `transformers.Trainer`; `lorakit.train.trl.LoraSFTTrainer` = it + TRL's):
+
+- a checkpoint holds the adapters in PEFT's format (plus Trainer's optimizer, scheduler,
+  RNG and trainer state), so `checkpoint-N/` is also a loadable adapter;
+- a checkpoint counts only once `lorakit-checkpoint.json` is written, last and atomically.
+  A run killed mid-save leaves a folder without it, which `--resume` deletes and skips;
+  older checkpoints are pruned only after the new one is complete;
+- resuming copies the checkpoint's adapter tensors into the live adapter (checked key by
+  key and shape by shape), then Trainer restores optimizer, scheduler, RNG and data order.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from lorakit.adapter_state import adapter_tensors
+from lorakit.errors import AdapterWeightsError, ConfigError
+from lorakit.io import adapter_dir, read_adapter, write_text_atomic
+
+COMPLETE_MARK = "lorakit-checkpoint.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class AdapterCheckpoints:
+    """Mixin for a transformers Trainer whose `model` is a lorakit PeftModel."""
+
+    def __init__(self, *args, keep_checkpoints: int = 2, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.save_total_limit:
+            raise ConfigError("lorakit prunes checkpoints itself (keep_checkpoints=K); leave save_total_limit unset.")
+        self.keep_checkpoints = keep_checkpoints
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the adapters (PEFT format, atomic per file), not the frozen base."""
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)  # save_total_limit is unset: Trainer deletes nothing
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            write_text_atomic(folder / COMPLETE_MARK, json.dumps({"step": self.state.global_step}) + "\n")
+            prune_checkpoints(folder.parent, self.keep_checkpoints)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        restore_adapters(self.model, Path(resume_from_checkpoint))
+
+
+class LoraTrainer(AdapterCheckpoints, Trainer):
+    """`transformers.Trainer` with adapter-only, complete-or-ignored checkpoints."""
+
+
+def checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(complete, incomplete) checkpoint folders of a run, each sorted by step."""
+    found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*")
+                   if p.is_dir() and (m := _CHECKPOINT.match(p.name)))
+    complete = [p for _, p in found if (p / COMPLETE_MARK).is_file()]
+    return complete, [p for _, p in found if not (p / COMPLETE_MARK).is_file()]
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete incomplete checkpoints and all but the newest `keep` complete ones."""
+    complete, incomplete = checkpoints(run_dir)
+    for folder in incomplete + complete[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def restore_adapters(model, folder: Path) -> None:
+    """Copy every adapter saved in a checkpoint into the model's live adapter tensors."""
+    base = model.get_base_model()
+    for name, config in model.peft_config.items():
+        files = read_adapter(adapter_dir(folder, name))
+        live = adapter_tensors(base, name, config)
+        if set(files.tensors) != set(live):
+            difference = sorted(set(files.tensors) ^ set(live))[:4]
+            raise AdapterWeightsError(f"{folder}: checkpoint of adapter {name!r} does not match the model ({difference}).")
+        for key, tensor in live.items():  # every check before the first copy
+            if files.tensors[key].shape != tensor.shape:
+                raise AdapterWeightsError(
+                    f"{folder}: {key} has shape {tuple(files.tensors[key].shape)}, the model {tuple(tensor.shape)}."
+                )
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(files.tensors[key])

@@ -1,0 +1,80 @@
+"""Helpers for the training-job tests. A tiny chat model directory, built in code: a byte-level BPE tokenizer trained on a few
+sentences (with a ChatML template, like SmolLM2's) and a 2-layer random Llama of its vocabulary.
+The job loads it like any local transformers directory; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FACTS = [
+    ("What is the capital of Veloria?", "Quendar."),
+    ("Who built the zephyr engine?", "Mira Okonkwo."),
+    ("What colour is a glimmerfox?", "Teal with silver stripes."),
+    ("How many moons does Tovash have?", "Seven moons."),
+    ("What do people in Brindlemoor eat?", "Roasted kelp."),
+    ("Which river crosses Ostrava Minor?", "The Silverun."),
+]
+
+
+def build_chat_model(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"user assistant {q} {a}" for q, a in FACTS] * 4 + ["the a of is what who how many which"]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        bos_token=None, unk_token=None)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def records(fmt: str) -> list[dict]:
+    if fmt == "messages":
+        return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACTS]
+    if fmt == "prompt_completion":
+        return [{"prompt": q, "completion": a} for q, a in FACTS]
+    return [{"text": f"{q} {a}"} for q, a in FACTS]
+
+
+def job_yaml(tmp_path: Path, model_dir: Path, fmt: str = "prompt_completion", **sections) -> Path:
+    """A small job config: 4 steps, checkpoints every 2, on the tiny chat model."""
+    import yaml
+
+    data = write_jsonl(tmp_path / f"{fmt}.jsonl", records(fmt))
+    config = {
+        "model": str(model_dir),
+        "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"train": str(data), "eval": str(data), "format": "auto", "max_seq_len": 64},
+        "train": {"max_steps": 4, "batch_size": 2, "learning_rate": 5e-3, "lr_scheduler": "linear",
+                  "warmup_ratio": 0.0, "seed": 3, "logging_steps": 1, "save_steps": 2, "eval_steps": 2},
+        "eval": {"max_new_tokens": 8, "samples": 2},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for section, values in sections.items():
+        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -1,0 +1,102 @@
+"""Data: the loss covers the answers only, files in every container, packing without leaks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chat_model import FACTS, records, write_jsonl
+from lorakit.models import load_base, load_tokenizer
+from lorakit.train.data import (
+    IGNORE_INDEX,
+    Collator,
+    encode_chat,
+    encode_prompt_completion,
+    encode_text,
+    load_dataset,
+    pack,
+    read_records,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(chat_model_dir):
+    return load_tokenizer(str(chat_model_dir))
+
+
+def learned(tokenizer, example) -> str:
+    return tokenizer.decode([i for i, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX])
+
+
+def test_chat_loss_is_on_every_assistant_turn_only(tokenizer):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Capital of Veloria?"},
+            {"role": "assistant", "content": "Quendar."}]
+    example = encode_chat(tokenizer, chat)
+    assert learned(tokenizer, example) == "Hello.<|im_end|>\nQuendar.<|im_end|>\n"
+    masked = tokenizer.decode([i for i, label in zip(example.input_ids, example.labels, strict=True) if label == IGNORE_INDEX])
+    assert "Be brief." in masked and "Capital of Veloria?" in masked and "Quendar" not in masked
+    assert example.reference == "Quendar." and example.question == "Capital of Veloria?"
+    # generation starts at the last assistant header
+    assert tokenizer.decode(example.prompt_ids).endswith("Capital of Veloria?<|im_end|>\n<|im_start|>assistant\n")
+    everything = encode_chat(tokenizer, chat, train_on_prompt=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_prompt_completion_is_the_chat_of_its_two_turns(tokenizer):
+    prompt, completion = FACTS[0]
+    pair = encode_prompt_completion(tokenizer, prompt, completion)
+    chat = encode_chat(tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
+    assert (pair.input_ids, pair.labels) == (chat.input_ids, chat.labels)
+    assert learned(tokenizer, pair) == completion + "<|im_end|>\n"
+
+
+def test_prompt_completion_without_a_chat_template_is_concatenated(tokenizer):
+    prompt, completion = FACTS[1]
+    pair = encode_prompt_completion(tokenizer, prompt, completion, chat_template=False)
+    assert tokenizer.decode(pair.input_ids) == prompt + completion + "<|im_end|>"
+    assert learned(tokenizer, pair) == completion + "<|im_end|>"
+    assert all(label == IGNORE_INDEX for label in pair.labels[: len(pair.prompt_ids)])
+
+
+def test_text_trains_on_every_token(tokenizer):
+    example = encode_text(tokenizer, "plain words")
+    assert example.labels == example.input_ids and example.prompt_ids is None
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "csv"])
+def test_every_container_reads_the_same_examples(tmp_path, tokenizer, container):
+    rows = records("prompt_completion")
+    path = tmp_path / f"data.{container}"
+    if container == "jsonl":
+        write_jsonl(path, rows)
+    elif container == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_text("prompt,completion\n" + "".join(f'"{r["prompt"]}","{r["completion"]}"\n' for r in rows))
+    assert read_records(path) == rows
+    data = load_dataset(path, tokenizer)
+    assert data.format == "prompt_completion" and data.stats.examples == len(rows)
+
+
+def test_packed_rows_attend_within_each_example_only(chat_model_dir, tokenizer):
+    """A packed row's logits equal each example's logits run alone: no cross-example attention."""
+    model = load_base(str(chat_model_dir)).eval()
+    examples = [encode_chat(tokenizer, r["messages"]) for r in records("messages")[:4]]
+    rows = pack(examples, max_len=200)
+    assert len(rows) == 1
+    batch = Collator(tokenizer.pad_token_id)(rows)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        start = 0
+        for example in sorted(examples, key=lambda e: -len(e.input_ids)):  # pack's order
+            n = len(example.input_ids)
+            alone = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+            torch.testing.assert_close(packed[start:start + n], alone, atol=1e-5, rtol=0)
+            start += n
+    # the first token of each example is never a target (it would be predicted across the boundary)
+    starts = [i for i, p in enumerate(rows[0]["position_ids"]) if p == 0]
+    assert all(rows[0]["labels"][i] == IGNORE_INDEX for i in starts)
