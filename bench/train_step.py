@@ -4,7 +4,10 @@ One step = forward, loss, backward, AdamW step. Also times the "floor" a LoRA st
 approach with frozen base weights: two no-grad forwards of the base model (the backward
 to the inputs costs about one forward, and no weight gradients are needed).
 
-    python bench/train_step.py [--batch 4 --seq 128] [--quantize nf4]
+    python bench/train_step.py [--batch 4 --seq 128] [--quantize nf4] [--compile]
+
+--compile: lorakit's decoder layers go through torch.compile (lorakit.compile.compile_blocks);
+the first step, which compiles, is timed apart as compile_s; PEFT stays eager.
 
 With --quantize (QLoRA): each side loads the NF4 base and runs its own
 prepare_model_for_kbit_training (PEFT's or ours: gradient checkpointing on, as the QLoRA
@@ -14,6 +17,7 @@ recipe has it); the floor is then two no-grad forwards of the quantized base.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -43,7 +47,7 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(side: str, base, batch: dict, quantized: bool = False):
+def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compiled: bool = False):
     if side == "lorakit":
         import lorakit
         from lorakit.quant import prepare_model_for_kbit_training
@@ -58,6 +62,10 @@ def train_step_fn(side: str, base, batch: dict, quantized: bool = False):
             base = peft.prepare_model_for_kbit_training(base)
         model = peft.get_peft_model(base, peft.LoraConfig(**LORA))
     model.train()
+    if compiled and side == "lorakit":
+        from lorakit.compile import compile_blocks
+
+        compile_blocks(model.get_base_model())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
@@ -79,11 +87,11 @@ def floor_fn(base, batch: dict):
     return two_forwards
 
 
-def run_side(side: str, batch_size: int, seq: int, quantize: str | None) -> None:
+def run_side(side: str, batch_size: int, seq: int, quantize: str | None, compiled: bool) -> None:
     """Child process: one side alone, so its peak RSS (loading included) is its own."""
     reset_peak_rss()
     base = load_base(side, quantize)
-    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size), quantize is not None)
+    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size), quantize is not None, compiled)
     seconds = time_interleaved({side: step}, reps=3, warmup=1)[side]
     print(f'{{"side": "{side}", "step_s": {seconds}, "peak_rss_mb": {peak_rss_mb()}}}')
 
@@ -94,22 +102,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"], help="QLoRA: quantized base")
+    parser.add_argument("--compile", action="store_true", help="torch.compile lorakit's decoder layers")
     parser.add_argument("--side", choices=["lorakit", "peft"], help="internal: run one side alone")
     args = parser.parse_args(argv)
     if args.side:
-        return run_side(args.side, args.batch, args.seq, args.quantize)
+        return run_side(args.side, args.batch, args.seq, args.quantize, args.compile)
 
     quantized = args.quantize is not None
     # Each side gets its own freshly loaded base (prepare_model_for_kbit_training changes it in place).
     bases = {side: load_base(side, args.quantize) for side in ("lorakit", "peft", "floor")}
     batch = make_batch(args.batch, args.seq, bases["floor"].config.vocab_size)
     candidates = {
-        "lorakit": train_step_fn("lorakit", bases["lorakit"], batch, quantized),
+        "lorakit": train_step_fn("lorakit", bases["lorakit"], batch, quantized, args.compile),
         "peft": train_step_fn("peft", bases["peft"], batch, quantized),
         "floor": floor_fn(bases["floor"].eval(), batch),
     }
+    started = time.perf_counter()
+    candidates["lorakit"]()  # the first step (compiles, with --compile)
+    first_step_s = time.perf_counter() - started
     times = time_interleaved(candidates, reps=args.reps, warmup=1)
-    extra = ["--quantize", args.quantize] if quantized else []
+    extra = (["--quantize", args.quantize] if quantized else []) + (["--compile"] if args.compile else [])
     memory = {side: side_in_subprocess(Path(__file__), side, "--batch", str(args.batch), "--seq", str(args.seq), *extra)
               for side in ("lorakit", "peft")}
     tokens = args.batch * args.seq
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "step_s": {k: round(v, 4) for k, v in times.items()},
         "tokens_per_s": {k: round(tokens / times[k], 1) for k in ("lorakit", "peft")},
         "peak_rss_mb": {k: round(memory[k]["peak_rss_mb"], 1) for k in memory},
+        "lorakit_first_step_s": round(first_step_s, 2),
     }
     ratios = {
         "speedup_vs_peft": times["peft"] / times["lorakit"],
@@ -125,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         "peft_vs_floor": times["peft"] / times["floor"],
     }
     setup = {"model": "SmolLM2-135M-Instruct", **LORA, "batch": args.batch, "seq": args.seq, "dtype": "fp32",
-             "base": args.quantize or "fp32", "gradient_checkpointing": quantized, "mode": "eager", "reps": args.reps}
-    name = f"{'qlora' if quantized else 'train'}_step_{args.batch}x{args.seq}"
-    command = f"python bench/train_step.py --batch {args.batch} --seq {args.seq}" + (f" --quantize {args.quantize}" if quantized else "")
+             "base": args.quantize or "fp32", "gradient_checkpointing": quantized,
+             "mode": "lorakit compiled, peft eager" if args.compile else "eager", "reps": args.reps}
+    name = f"{'qlora' if quantized else 'train'}_step_{args.batch}x{args.seq}" + ("_compiled" if args.compile else "")
+    command = f"python bench/train_step.py --batch {args.batch} --seq {args.seq}" + " ".join([""] + extra)
     emit(name, command, setup, results, ratios)
 
 

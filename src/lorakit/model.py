@@ -28,6 +28,7 @@ from lorakit.combine import add_weighted_adapter
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, ConfigError, RoutingError
 from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
+from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.io import FINGERPRINT_KEY, AdapterFiles, adapter_dir, read_adapter, write_adapter
 from lorakit.quant import quant_kind
 from lorakit.targets import SEQ_CLS_HEADS
@@ -38,6 +39,7 @@ class PeftModel(nn.Module):
     # Tells transformers' Trainer that this (possibly quantized) model carries trainable
     # adapters; it otherwise refuses to fine-tune a quantized model it does not know as PEFT's.
     _hf_peft_config_loaded = True
+    fused_loss = True  # training loss without full logits where it applies (see fused_loss.py)
 
     def __init__(
         self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
@@ -316,13 +318,21 @@ class PeftModel(nn.Module):
         reads this signature: it finds `labels` there (without it, evaluation computes no loss)
         and drops dataset columns not named here. Only the inputs given are passed on, and the
         first one positionally, so a plain `nn.Module` base still gets `model(x)`.
+
+        A causal LM's training call (labels, grad enabled, train mode) computes its loss with
+        `fused_loss.linear_cross_entropy` — no full logits, so the output's `logits` is None;
+        set `model.fused_loss = False` for the reference path (same loss and gradients, tested).
         """
-        named = {"attention_mask": attention_mask, "inputs_embeds": inputs_embeds, "labels": labels,
+        named = {"attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
                  "position_ids": position_ids, "token_type_ids": token_type_ids}
         kwargs |= {key: value for key, value in named.items() if value is not None}
-        args = (input_ids,) if input_ids is not None else ()
+        base = self.get_base_model()
         with self._routing(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+            if self.fused_loss and fused_loss_applies(base, labels, kwargs):
+                return causal_lm_loss_forward(base, input_ids, labels, kwargs)
+            if labels is not None:
+                kwargs["labels"] = labels
+            return base(*((input_ids,) if input_ids is not None else ()), **kwargs)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         if adapter_names is not None:  # generate repeats each row for beams / returned sequences
@@ -332,6 +342,16 @@ class PeftModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(max(beams, returns))]
         with self._routing(adapter_names, reusable=True):  # one routing for every decode step
             return self.get_base_model().generate(*args, **kwargs)
+
+    def set_fast_path(self, enabled: bool) -> None:
+        """The fused training path (fused LoRA linear op, loss without full logits) on or off.
+
+        On by default; off gives the plain reference path — the same numbers (tested against
+        it and against PEFT), more time and memory, and `logits` in a training forward's output.
+        """
+        self.fused_loss = enabled
+        for layer in self.base_model.adapter_layers():
+            layer.fused = enabled
 
     # -- reporting ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -96,3 +96,13 @@ def test_quantized_base_trains_through_the_job(tmp_path, wide_chat_model_dir, qu
     assert summary["quantize"] == quantize
     assert summary["comparison"]["adapter"]["loss"] < summary["comparison"]["base"]["loss"]
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_torch_compile_switch_reports_the_first_step_apart(tmp_path, chat_model_dir):
+    config = job_yaml(tmp_path, chat_model_dir, "prompt_completion", train={"torch_compile": True, "max_steps": 3})
+    result = train(config)
+    assert "torch.compile: 2 blocks" in result.output
+    run = json.loads((tmp_path / "run" / "summary.json").read_text())["run"]
+    # (compiled code is cached per process, so the first step is only slower in a fresh one)
+    assert run["torch_compile"] and run["first_step_seconds"] > 0 and run["median_step_seconds"] > 0
+    assert "(includes torch.compile)" in (tmp_path / "run" / "report.md").read_text()

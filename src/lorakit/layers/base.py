@@ -8,8 +8,9 @@ which are merged, and the three ways to run:
     y = base(x)                                              (adapters disabled)
     y[i] = base(x)[i] + Δ_{names[i]}(x[i])                   (per-row adapter choice)
 
-Subclasses supply only the maths of one method: `lora_output(x, name)` = Δ(x) and
-`delta_weight(name)` = ΔW in the base weight's own layout. The base layer is only ever
+Subclasses supply the maths: `lora_output(x, name, result)` = Δ(x), `delta_weight(name)` =
+ΔW in the base weight's own layout, and `merged_weight` where a merge is not W + ΔW (DoRA).
+The base layer is only ever
 *called*; its `.weight` is read only to merge, and merging refuses quantized weights
 (merging into 4-bit storage would bake the quantization error into the model).
 """
@@ -45,6 +46,7 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
         self.disable_adapters = False
         self.merged_into_quantized = False  # a requantizing merge cannot be undone
+        self.fused = True  # use `fused_forward` where it applies; False: the plain reference path
 
     # HF model code sometimes reads these straight off a submodule (tied embeddings, T5).
     @property
@@ -56,13 +58,26 @@ class AdapterLayer(nn.Module):
         return self.base_layer.bias
 
     # -- what a subclass provides ----------------------------------------------------
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Δ_name(x): the adapter's additive contribution to the output."""
+    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ_name(x): the adapter's additive contribution to the output (`result`: the output so
+        far, base included — DoRA rescales it, as PEFT does)."""
         raise NotImplementedError
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The weight with adapter `name` merged in (same layout): W + ΔW for LoRA."""
+        return weight + self.delta_weight(name).to(weight.dtype)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of `merged_weight`."""
+        return weight - self.delta_weight(name).to(weight.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """ΔW_name in the layout of `base_layer.weight` (so merge is `W += ΔW`)."""
         raise NotImplementedError
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The same output as the plain path in one autograd op, or None where none applies."""
+        return None
 
     def use_gathered(self, x: torch.Tensor, routing: Routing) -> bool:
         """Whether to run a batched GEMM per rank bucket instead of a GEMM pair per adapter (see lora.py)."""
@@ -118,10 +133,14 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if routing is not None:
             return self._routed_forward(x, routing, *args, **kwargs)
+        if self.fused and not args and not kwargs:
+            fused = self.fused_forward(x)
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
-                result = result + self.lora_output(x, name).to(result.dtype)
+                result = result + self.lora_output(x, name, result).to(result.dtype)
         return result
 
     def _routed_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
@@ -141,7 +160,7 @@ class AdapterLayer(nn.Module):
             return result
         for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
             if name in self.r:  # this layer may not be targeted by every adapter
-                delta = self.lora_output(x.index_select(0, rows), name)
+                delta = self.lora_output(x.index_select(0, rows), name, result.index_select(0, rows))
                 result.index_add_(0, rows, delta.to(result.dtype))
         return result
 
@@ -165,9 +184,9 @@ class AdapterLayer(nn.Module):
                 "to merge_and_unload (it dequantizes, merges, requantizes and reports the error)."
             )
         if check_finite:
-            merged = float_weight(self.base_layer).clone()  # an fp32 weight comes back as itself
+            merged = float_weight(self.base_layer)
             for name in held:
-                merged += self.delta_weight(name).float()
+                merged = self.merged_weight(name, merged)
                 if not torch.isfinite(merged).all():
                     raise MergeError(f"Merging adapter {name!r} gives NaN/Inf weights; the adapter seems broken.")
 
@@ -184,14 +203,16 @@ class AdapterLayer(nn.Module):
         held = [name for name in names if name in self.r]
         weight = self.base_layer.weight
         if held and is_quantized_weight(weight):
-            delta = sum(self.delta_weight(name).float() for name in held)
-            target = float_weight(self.base_layer) + delta
+            start = target = float_weight(self.base_layer)
+            for name in held:
+                target = self.merged_weight(name, target)
             self.base_layer.weight = requantize_like(weight, target)
             self.merged_adapters.extend(held)
             self.merged_into_quantized = True
-            return ((float_weight(self.base_layer) - target).norm() / delta.norm().clamp_min(1e-12)).item()
+            update = (target - start).norm().clamp_min(1e-12)
+            return ((float_weight(self.base_layer) - target).norm() / update).item()
         for name in held:
-            weight.data.add_(self.delta_weight(name).to(weight.dtype))
+            weight.data.copy_(self.merged_weight(name, weight.data))
             self.merged_adapters.append(name)
         return None
 
@@ -203,5 +224,5 @@ class AdapterLayer(nn.Module):
         for name in reversed(list(self.merged_adapters)):
             if name in names:
                 weight = self.base_layer.weight
-                weight.data.sub_(self.delta_weight(name).to(weight.dtype))
+                weight.data.copy_(self.unmerged_weight(name, weight.data))
                 self.merged_adapters.remove(name)

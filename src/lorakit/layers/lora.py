@@ -28,7 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.batching import Routing
+from lorakit.quant import float_weight
 from lorakit.layers.base import AdapterLayer
+from lorakit.layers.dora import DoraMagnitude, per_output, row_norm
+from lorakit.layers.lora_fn import LoraLinearFunction
 
 
 @functools.cache
@@ -68,14 +71,17 @@ def linear_features(base: nn.Module) -> tuple[int, int, bool]:
 class LoraLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
-        self.in_features, self.out_features, _ = linear_features(base_layer)
+        self.in_features, self.out_features, self.base_transposed = linear_features(base_layer)
+        self.fusable_base = type(base_layer) in (nn.Linear, conv1d_type())  # float layers lora_fn.py handles
         self.fan_in_fan_out = fan_in_fan_out
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (dora.py)
+        self.dora_norms: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ of each merged DoRA adapter, for unmerge
 
     def adapter_containers(self) -> Iterable[nn.ModuleDict]:
-        return (self.lora_A, self.lora_B, self.lora_dropout)
+        return (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector)
 
     def update_layer(
         self,
@@ -85,14 +91,15 @@ class LoraLinear(AdapterLayer):
         lora_dropout: float = 0.0,
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
-        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+        weights: tuple[torch.Tensor, ...] | None = None,
+        use_dora: bool = False,
     ) -> None:
-        """Add adapter `name` (fp32, on the base layer's device); `weights` = (A, B) skips the init."""
+        """Add adapter `name` (fp32, on the base layer's device); `weights` = (A, B[, m]) skips the init."""
         self._set_scaling(name, r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         device = self._base_device()
         if weights is not None:  # a loaded adapter: no allocation or init that would be overwritten
-            lora_a, lora_b = (linear_around(adapter_parameter(w, device)) for w in weights)
+            lora_a, lora_b = (linear_around(adapter_parameter(w, device)) for w in weights[:2])
         else:
             lora_a = nn.Linear(self.in_features, r, bias=False, device=device)
             lora_b = nn.Linear(r, self.out_features, bias=False, device=device)
@@ -103,11 +110,73 @@ class LoraLinear(AdapterLayer):
                 nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_b.weight)
         self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        if use_dora:
+            magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
+            self.lora_magnitude_vector[name] = DoraMagnitude(adapter_parameter(magnitude.detach(), device))
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         lora_a = self.lora_A[name]
         x = x.to(lora_a.weight.dtype)  # a bf16/int8 base may hand us other dtypes
+        if name in self.lora_magnitude_vector:
+            return self.dora_output(x, name, result)
         return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    # -- DoRA (dora.py) ------------------------------------------------------------------------
+    def base_weight_out_in(self) -> torch.Tensor:
+        """The base weight as float (out, in), dequantized if needed."""
+        weight = float_weight(self.base_layer)
+        return weight.t() if self.base_transposed else weight
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """‖W + s·BA‖ per output feature, without gradient."""
+        with torch.no_grad():
+            lora = self.lora_B[name].weight @ self.lora_A[name].weight
+            return row_norm(self.base_weight_out_in() + self.scaling[name] * lora, transposed=False)
+
+    def dora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None) -> torch.Tensor:
+        """(m/n − 1) ⊙ x Wᵀ + (m/n) ⊙ s·B(A(x_d)), n detached (PEFT's DoRA forward)."""
+        dropout, scaling = self.lora_dropout[name], self.scaling[name]
+        scale = self.lora_magnitude_vector[name].weight / self.dora_norm(name).to(x.dtype)
+        if result is None or (self.training and not isinstance(dropout, nn.Identity)):
+            x = dropout(x)
+            base = F.linear(x, self.base_weight_out_in().to(x.dtype))
+        else:
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        lora = self.lora_B[name](self.lora_A[name](x))
+        return (scale - 1) * base + scale * lora * scaling
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(name, weight)
+        combined = weight + self.delta_weight(name).to(weight.dtype)
+        norm = row_norm(combined.float(), self.base_transposed)
+        self.dora_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].weight.detach() / norm
+        return (combined * per_output(factor, self.base_transposed)).to(weight.dtype)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(name, weight)
+        factor = self.lora_magnitude_vector[name].weight.detach() / self.dora_norms.pop(name)
+        return (weight / per_output(factor, self.base_transposed) - self.delta_weight(name)).to(weight.dtype)
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One `LoraLinearFunction` (lora_fn.py) for the common case: a single unmerged active
+        adapter on a frozen float nn.Linear / Conv1D whose dtype matches the input and adapter."""
+        names = [n for n in self.active_adapters if n in self.r]
+        if len(names) != 1 or self.merged_adapters or not self.fusable_base:
+            return None
+        name = names[0]
+        if name in self.lora_magnitude_vector:
+            return None
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if weight.requires_grad or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
+            return None
+        if self.base_transposed:  # Conv1D keeps (in, out)
+            weight = weight.t()
+        return LoraLinearFunction.apply(x, self.lora_dropout[name](x), weight, bias, lora_a, lora_b, self.scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in)
@@ -189,7 +258,7 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_A[name] = nn.Parameter(weight_a)
         self.lora_embedding_B[name] = nn.Parameter(weight_b)
 
-    def lora_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(  # (..., r): the same lookup options as the base embedding
             x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,

@@ -114,3 +114,22 @@ def read_metrics(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of the first step (which includes any compilation) and the median of the rest."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.durations.append(time.perf_counter() - self._started)
+
+    def summary(self) -> dict:
+        rest = sorted(self.durations[1:])
+        median = rest[len(rest) // 2] if rest else None
+        return {"first_step_seconds": self.durations[0] if self.durations else None, "median_step_seconds": median}

@@ -70,6 +70,7 @@ class TrainConfig:
     eval_steps: int = 50
     keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
     gradient_checkpointing: bool = False
+    torch_compile: bool = False  # compile the decoder layers; the first step includes the compilation
 
 
 @dataclass

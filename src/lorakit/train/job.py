@@ -22,13 +22,14 @@ import torch
 from rich.console import Console
 from transformers import TrainingArguments, set_seed
 
+from lorakit.compile import compile_blocks
 from lorakit.errors import ConfigError
 from lorakit.io import write_text_atomic
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_base, load_tokenizer
 from lorakit.optim import make_optimizer
 from lorakit.quant import prepare_model_for_kbit_training
-from lorakit.train.callbacks import MetricsFile, RichProgress, read_metrics
+from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import JobConfig, load_job_config
 from lorakit.train.data import Collator, Dataset, load_dataset, pack, split_eval
 from lorakit.train.evaluate import compare
@@ -144,11 +145,13 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     args = training_arguments(config, has_eval=len(evaluation) > 0)
     optimizer = make_optimizer(config.train.optimizer, [p for p in model.parameters() if p.requires_grad],
                                lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
-    progress = RichProgress(console)
+    if config.train.torch_compile:
+        console.print(f"torch.compile: {compile_blocks(model.get_base_model())} blocks (the first step compiles them)")
+    progress, timer = RichProgress(console), StepTimer()
     trainer = LoraTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
         data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
-        callbacks=[progress, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
+        callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
     )
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -171,7 +174,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
                 "resumed_from": _step_of(checkpoint), "seconds": seconds,
                 "eval_seconds": time.perf_counter() - started_eval,
                 "tokens_per_second": progress.throughput.rate(trainer.state),
-                "peak_memory_mb": memory, "memory_kind": memory_kind,
+                "peak_memory_mb": memory, "memory_kind": memory_kind, "torch_compile": config.train.torch_compile,
+                **timer.summary(),
                 "final_train_loss": _last(metrics, "loss"), "final_eval_loss": _last(metrics, "eval_loss")},
         "comparison": comparison,
     }

@@ -87,6 +87,9 @@ def write_report(path: Path, summary: dict) -> Path:
               f"- steps: {run['steps']} (resumed from step {run['resumed_from']})" if run["resumed_from"] else f"- steps: {run['steps']}",
               f"- time: {run['seconds']:.0f} s training, {run['eval_seconds']:.0f} s before/after evaluation",
               f"- tokens/s: {run['tokens_per_second']:,.0f} (non-padding tokens, this session)",
+              f"- step time: first {_fmt(run['first_step_seconds'], '{:.2f}')} s"
+              + (" (includes torch.compile)" if run["torch_compile"] else "")
+              + f", median of the rest {_fmt(run['median_step_seconds'], '{:.2f}')} s",
               f"- peak memory: {run['peak_memory_mb']:,.0f} MB ({run['memory_kind']})",
               f"- final train loss: {_fmt(run['final_train_loss'], '{:.4f}')}; final eval loss: "
               f"{_fmt(run['final_eval_loss'], '{:.4f}')}",
