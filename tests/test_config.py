@@ -49,7 +49,6 @@ def test_unknown_field_names_the_closest():
         (dict(target_modules=["q"], layers_pattern="layers"), "only has a meaning together"),
         (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\]"),
         (dict(use_rslora="yes"), "use_rslora must be True or False"),
-        (dict(use_dora=True), "DoRA is not supported"),
         (dict(modules_to_save="classifier"), "modules_to_save must be a non-empty list"),
     ],
 )

@@ -7,6 +7,7 @@ from lorakit.batching import BASE_ADAPTER  # noqa: E402
 from lorakit.config import LoraConfig, TaskType  # noqa: E402
 from lorakit.model import PeftModel, get_peft_model  # noqa: E402
 from lorakit.models import load_base  # noqa: E402
+from lorakit.optim import create_loraplus_optimizer  # noqa: E402
 from lorakit.quant import footprint, prepare_model_for_kbit_training  # noqa: E402
 from lorakit.tuner import LoraModel  # noqa: E402
 
@@ -16,6 +17,7 @@ __all__ = [
     "LoraModel",
     "PeftModel",
     "TaskType",
+    "create_loraplus_optimizer",
     "errors",
     "footprint",
     "get_peft_model",

@@ -3,6 +3,7 @@
 File names are the model's parameter names with the adapter name removed (PEFT's rule):
 
     base_model.model.<module>.lora_A.weight / .lora_B.weight          Linear, Conv1D
+    base_model.model.<module>.lora_magnitude_vector                   DoRA's magnitude
     base_model.model.<module>.lora_embedding_A / .lora_embedding_B    Embedding
     base_model.model.<module>.<param>                                 a modules_to_save copy
     base_model.model.<…>.bias                                         bias="all" / "lora_only"
@@ -14,6 +15,7 @@ changed, so a failed load leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,8 @@ def adapter_tensors(base: nn.Module, adapter_name: str, config: LoraConfig) -> d
         elif isinstance(module, AdapterLayer) and adapter_name in module.r:
             out[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+            if adapter_name in module.lora_magnitude_vector:  # DoRA; PEFT's file name has no ".weight"
+                out[f"{PREFIX}{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name].weight
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = value
@@ -58,7 +62,7 @@ def adapter_tensors(base: nn.Module, adapter_name: str, config: LoraConfig) -> d
 class LoadPlan:
     """Where each tensor of a checked adapter file goes."""
 
-    lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module → (A, B)
+    lora: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # module → (A, B[, DoRA magnitude])
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module → state dict
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # base parameter name → value
 
@@ -97,6 +101,8 @@ def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
         _check_rank(source, names, shapes, remaining, r, path)
         what = f"{path} ({type(layer).__name__}) is adapted with r={r}"
         plan.lora[path] = (take(names[0], shapes[0], what), take(names[1], shapes[1], what))
+        if config.use_dora:  # the magnitude vector, one value per output feature
+            plan.lora[path] += (take(f"{PREFIX}{path}.lora_magnitude_vector", (shapes[1][0],), what + " with DoRA"),)
 
     for path in to_save:
         plan.saved_modules[path] = {
@@ -153,3 +159,32 @@ def apply_biases(base: nn.Module, biases: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in biases.items():
             params[name].copy_(value)
+
+
+def convert_weight_init(tensors: dict[str, torch.Tensor], config: LoraConfig, initial: dict[str, torch.Tensor],
+                        source: Path) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter for the *original* base (PEFT's conversion).
+
+    The trained model is W_res + s·BA and W = W_res + s·B0A0, so the update to W is
+    s·(BA − B0A0) = s·[B | −B0][A ; A0]: rank 2r, with alpha doubled (×√2 under rsLoRA) to keep s.
+    `initial` holds A0, B0: the adapter as saved right after initialisation.
+    """
+    if config.use_dora:
+        raise ConfigError("A DoRA adapter cannot be converted this way: its magnitude was learned against W_res.")
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError("Conversion with use_rslora=True and rank_pattern/alpha_pattern is not supported (as in PEFT).")
+    out = dict(tensors)
+    for key, tensor in tensors.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            start = initial.get(key)
+            if start is None or start.shape != tensor.shape:
+                raise AdapterWeightsError(f"{source}: the initial adapter has no {key} of shape {tuple(tensor.shape)}; "
+                                          "give the adapter saved right after initialisation, before training.")
+            out[key] = torch.cat([tensor, start.to(tensor)], 0) if ".lora_A." in key else torch.cat([tensor, -start.to(tensor)], 1)
+    converted = copy.deepcopy(config)
+    converted.init_lora_weights = True
+    converted.r *= 2
+    converted.lora_alpha *= 2**0.5 if config.use_rslora else 2
+    converted.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    converted.alpha_pattern = {k: 2 * v for k, v in config.alpha_pattern.items()}
+    return out, converted

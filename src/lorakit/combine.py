@@ -47,6 +47,10 @@ def add_weighted_adapter(
         raise ConfigError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}.")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [model.peft_config[a] for a in adapters]
+    dora = [a for a, c in zip(adapters, configs, strict=True) if c.use_dora]
+    if dora:
+        raise ConfigError(f"Adapters {dora} use DoRA, whose magnitude vectors do not blend linearly; "
+                          "add_weighted_adapter takes plain LoRA adapters only (merge DoRA adapters instead).")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
     if combination_type == "linear" and len(set(ranks)) != 1:
         raise ConfigError(f"'linear' blending needs equal ranks, got {dict(zip(adapters, ranks, strict=True))}; "

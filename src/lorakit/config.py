@@ -27,7 +27,7 @@ from lorakit.errors import ConfigError, closest
 
 PEFT_TYPE = "LORA"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = (True, False, "gaussian")
+INIT_METHODS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_K"
 
 
 class TaskType(enum.StrEnum):
@@ -93,7 +93,9 @@ class LoraConfig:
     bias: str = "none"  # which biases train: none | all | lora_only (those of adapted layers)
     modules_to_save: list[str] | None = None  # whole modules trained as copies (e.g. a classifier)
     use_rslora: bool = False  # s = α/√r: rank-stabilized scaling
-    init_lora_weights: bool | str = True  # True: A Kaiming, B 0 | "gaussian": A ~ N(0, 1/r), B 0 | False: random B
+    # True: A Kaiming, B 0 | "gaussian": A ~ N(0, 1/r), B 0 | False: random B | "pissa", "pissa_niter_K",
+    # "olora": A, B from the base weight, which keeps the residual (layers/init.py)
+    init_lora_weights: bool | str = True
     fan_in_fan_out: bool = False  # weight stored as (in, out), as in GPT-2's Conv1D (set automatically)
     rank_pattern: dict[str, int] = field(default_factory=dict)  # per-module r, by name regex
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-module alpha, by name regex
@@ -101,7 +103,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False  # True: adapter weights are frozen
-    use_dora: bool = False  # reserved: DoRA is not implemented yet
+    use_dora: bool = False  # DoRA: a learned magnitude per output feature (layers/dora.py); Linear/Conv1D/4-8 bit
     lora_bias: bool = False  # reserved: a bias on lora_B is not implemented yet
 
     def __post_init__(self) -> None:
@@ -129,12 +131,13 @@ class LoraConfig:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.{closest(str(self.bias), BIAS_MODES)}")
         if isinstance(self.init_lora_weights, str):
             self.init_lora_weights = self.init_lora_weights.lower()
-        if self.init_lora_weights not in INIT_METHODS or (
-            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        init = self.init_lora_weights
+        if (init not in INIT_METHODS and not (isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init))) or (
+            isinstance(init, int) and not isinstance(init, bool)
         ):
             raise ConfigError(
-                f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r} "
-                "(PiSSA/OLoRA/LoftQ initialisations are not supported by this version of lorakit)."
+                f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K ≥ 1) or 'olora'; "
+                f"got {init!r}.{closest(str(init), [str(m) for m in INIT_METHODS])}"
             )
         if self.task_type is not None:
             allowed = [t.value for t in TaskType]
@@ -145,8 +148,6 @@ class LoraConfig:
         for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
-        if self.use_dora:
-            raise ConfigError("use_dora=True: DoRA is not supported by this version of lorakit; use plain LoRA.")
         if self.lora_bias:
             raise ConfigError("lora_bias=True is not supported by this version of lorakit; set it to False.")
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorakit import __version__
-from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, plan_load
+from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, convert_weight_init, plan_load
 from lorakit.batching import BASE_ADAPTER, adapter_routing
 from lorakit.combine import add_weighted_adapter
 from lorakit.config import LoraConfig
@@ -240,8 +240,14 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: Sequence[str] | None = None,
         safe_serialization: bool = True, is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
     ) -> None:
-        """Write adapters in PEFT's layout ("default" at the root, others in subdirectories)."""
+        """Write adapters in PEFT's layout ("default" at the root, others in subdirectories).
+
+        `path_initial_model_for_weight_conversion`: for a PiSSA/OLoRA adapter, the directory where
+        it was saved right after initialisation; the adapter is then written as a plain LoRA
+        adapter (rank 2r) that works on the original, untouched base — PEFT's conversion.
+        """
         if not safe_serialization:
             raise AdapterError("lorakit writes safetensors only (a pickle file can run code when loaded).")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
@@ -257,6 +263,9 @@ class PeftModel(nn.Module):
                 FINGERPRINT_KEY: json.dumps(self.base_fingerprint),
             }
             tensors = adapter_tensors(self.get_base_model(), name, config)
+            if path_initial_model_for_weight_conversion is not None:
+                initial = read_adapter(adapter_dir(path_initial_model_for_weight_conversion, name))
+                tensors, config = convert_weight_init(tensors, config, initial.tensors, initial.directory)
             write_adapter(adapter_dir(save_directory, name), config, tensors, metadata)
 
     def load_adapter(

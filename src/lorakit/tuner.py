@@ -14,8 +14,10 @@ from torch import nn
 
 from lorakit.adapter_state import LoadPlan
 from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
 from lorakit.layers import inner_module
 from lorakit.layers.base import AdapterLayer
+from lorakit.layers.init import is_weight_init
 from lorakit.layers.lora import LoraEmbedding, LoraLinear, linear_features
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
@@ -59,6 +61,11 @@ class LoraModel(nn.Module):
             targets = find_target_modules(self.model, config)
             to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
+        embeddings = [n for n in targets if isinstance(inner_module(modules[n]), nn.Embedding)]
+        if embeddings and (config.use_dora or is_weight_init(config.init_lora_weights)):
+            feature = "use_dora=True" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
+            raise ConfigError(f"{feature} on embedding layers ({embeddings[0]}) is not supported by lorakit yet; "
+                              "leave embeddings out of target_modules (all-linear never includes them).")
         fresh = {n: _new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
         for name in targets:  # from here on nothing raises on a config error
             layer = fresh[name] if name in fresh else modules[name]
@@ -70,6 +77,7 @@ class LoraModel(nn.Module):
                 init_lora_weights=config.init_lora_weights,
                 use_rslora=config.use_rslora,
                 weights=plan.lora[name] if plan else None,
+                use_dora=config.use_dora,
             )
             if name in fresh:
                 self._replace(name, layer)
@@ -98,6 +106,8 @@ class LoraModel(nn.Module):
         """
         for name, module in list(named_candidates(self.model)):
             if isinstance(module, AdapterLayer):
+                if not keep_trained_copies and isinstance(module, LoraLinear):
+                    module.restore_base()  # PiSSA/OLoRA moved part of W into the adapter
                 self._replace(name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
                 self._replace(name, module.active_module() if keep_trained_copies else module.original_module)

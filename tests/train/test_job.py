@@ -106,3 +106,15 @@ def test_torch_compile_switch_reports_the_first_step_apart(tmp_path, chat_model_
     # (compiled code is cached per process, so the first step is only slower in a fresh one)
     assert run["torch_compile"] and run["first_step_seconds"] > 0 and run["median_step_seconds"] > 0
     assert "(includes torch.compile)" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_yaml_takes_dora_init_rslora_and_loraplus(tmp_path, chat_model_dir):
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_dora": True,
+            "init_lora_weights": "pissa_niter_2", "use_rslora": True}
+    config = job_yaml(tmp_path, chat_model_dir, "prompt_completion", lora=lora,
+                      train={"loraplus_lr_ratio": 16, "max_steps": 3})
+    train(config)
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] and saved["use_rslora"] and saved["init_lora_weights"] == "pissa_niter_2"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["comparison"]["adapter"]["loss"] < summary["comparison"]["base"]["loss"]

@@ -55,7 +55,7 @@ class AdapterLayer(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
+        return getattr(self.base_layer, "bias", None)  # an Embedding has none
 
     # -- what a subclass provides ----------------------------------------------------
     def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:

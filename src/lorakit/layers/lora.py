@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.batching import Routing
-from lorakit.quant import float_weight
-from lorakit.layers.base import AdapterLayer
+from lorakit.errors import ConfigError
+from lorakit.layers.base import AdapterLayer, is_quantized_weight
 from lorakit.layers.dora import DoraMagnitude, per_output, row_norm
+from lorakit.layers.init import is_weight_init, weight_init_factors
 from lorakit.layers.lora_fn import LoraLinearFunction
+from lorakit.quant import float_weight, requantize_like
 
 
 @functools.cache
@@ -79,6 +81,7 @@ class LoraLinear(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (dora.py)
         self.dora_norms: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ of each merged DoRA adapter, for unmerge
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # PiSSA/OLoRA (A0, B0), init.py
 
     def adapter_containers(self) -> Iterable[nn.ModuleDict]:
         return (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector)
@@ -103,7 +106,12 @@ class LoraLinear(AdapterLayer):
         else:
             lora_a = nn.Linear(self.in_features, r, bias=False, device=device)
             lora_b = nn.Linear(r, self.out_features, bias=False, device=device)
-        if weights is None and init_lora_weights is not False:  # False keeps nn.Linear's random init: B ≠ 0
+        if is_weight_init(init_lora_weights):  # also for a loaded adapter: the base must hold the residual
+            initial = self.take_out_of_base(name, init_lora_weights)
+            if weights is None:
+                with torch.no_grad():
+                    lora_a.weight.copy_(initial[0]), lora_b.weight.copy_(initial[1])
+        elif weights is None and init_lora_weights is not False:  # False keeps nn.Linear's random init: B ≠ 0
             if init_lora_weights == "gaussian":
                 nn.init.normal_(lora_a.weight, std=1 / r)
             else:
@@ -120,6 +128,40 @@ class LoraLinear(AdapterLayer):
         if name in self.lora_magnitude_vector:
             return self.dora_output(x, name, result)
         return self.lora_B[name](lora_a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    # -- PiSSA / OLoRA (init.py) ------------------------------------------------------------------
+    def take_out_of_base(self, name: str, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute (A0, B0) from the base weight and leave W − s·B0A0 in the base."""
+        weight = self.base_weight_out_in()
+        if is_quantized_weight(self.base_layer.weight) and init != "olora":
+            raise ConfigError("PiSSA needs a full-precision base weight (its SVD of a quantized weight would be of the "
+                              "quantization error too): initialise on the float base, then quantize the residual.")
+        initial = weight_init_factors(weight, init, self.r[name], self.scaling[name])
+        self.initial_factors[name] = initial
+        self.set_base_weight(weight - self.scaling[name] * initial[1] @ initial[0])
+        return initial
+
+    def set_base_weight(self, weight_out_in: torch.Tensor) -> None:
+        """Write a float (out, in) weight into the base layer, in its layout, dtype or quantization."""
+        old = self.base_layer.weight
+        target = weight_out_in.t() if self.base_transposed else weight_out_in
+        if is_quantized_weight(old):
+            self.base_layer.weight = requantize_like(old, target)
+        else:
+            with torch.no_grad():
+                old.copy_(target.to(old.dtype))
+
+    def restore_base(self, names: Iterable[str] | None = None) -> None:
+        """Give back what PiSSA/OLoRA took out of the base weight (W_res + s·B0A0 = W)."""
+        for name in list(self.initial_factors if names is None else names):
+            if name in self.initial_factors:
+                a0, b0 = self.initial_factors.pop(name)
+                self.set_base_weight(self.base_weight_out_in() + self.scaling[name] * b0 @ a0)
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.merged_adapters:  # a merged adapter is refused below, with nothing changed
+            self.restore_base([name])
+        super().delete_adapter(name)
 
     # -- DoRA (dora.py) ------------------------------------------------------------------------
     def base_weight_out_in(self) -> torch.Tensor:
@@ -196,7 +238,7 @@ class LoraLinear(AdapterLayer):
     def use_gathered(self, x: torch.Tensor, routing: Routing) -> bool:
         tokens = x.shape[1] if x.dim() == 3 else 1
         return (routing.reusable and not torch.is_grad_enabled() and tokens <= self.GATHER_MAX_TOKENS
-                and not self.training_dropout())
+                and not self.training_dropout() and not self.lora_magnitude_vector)  # DoRA rows go grouped
 
     def training_dropout(self) -> bool:
         return self.training and any(isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values())
@@ -245,6 +287,7 @@ class LoraEmbedding(AdapterLayer):
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
         weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+        use_dora: bool = False,  # refused before we get here (tuner.inject)
     ) -> None:
         self._set_scaling(name, r, lora_alpha, use_rslora)
         device = self._base_device()

@@ -64,6 +64,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     optimizer: str = "adamw"
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio x A's (the paper suggests 16)
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding adapters
     seed: int = 42
     logging_steps: int = 5
     save_steps: int = 50
@@ -236,4 +238,6 @@ def _check(config: JobConfig) -> None:
     for key in ("max_examples", "max_new_tokens", "batch_size"):
         positive(f"eval.{key}", getattr(config.eval, key))
     positive("eval.samples", config.eval.samples, zero_ok=True)
+    if config.train.loraplus_lr_ratio is not None:
+        positive("train.loraplus_lr_ratio", config.train.loraplus_lr_ratio)
     config.lora_config()  # LoraConfig's own checks, with "lora:" in front

@@ -27,7 +27,7 @@ from lorakit.errors import ConfigError
 from lorakit.io import write_text_atomic
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_base, load_tokenizer
-from lorakit.optim import make_optimizer
+from lorakit.optim import create_loraplus_optimizer, make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import JobConfig, load_job_config
@@ -125,6 +125,17 @@ def build_model(config: JobConfig) -> PeftModel:
     return get_peft_model(base, config.lora_config())
 
 
+def build_optimizer(config: JobConfig, model) -> torch.optim.Optimizer:
+    """The configured optimizer; with train.loraplus_lr_ratio, LoRA+ parameter groups."""
+    t = config.train
+    if t.loraplus_lr_ratio is not None:
+        return create_loraplus_optimizer(model, optimizer_class(t.optimizer), lr=t.learning_rate,
+                                         loraplus_lr_ratio=t.loraplus_lr_ratio, loraplus_lr_embedding=t.loraplus_lr_embedding,
+                                         loraplus_weight_decay=t.weight_decay)
+    return make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
+                          weight_decay=t.weight_decay)
+
+
 def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(config.output_dir)
@@ -143,8 +154,7 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     write_text_atomic(out / "config.yaml", config.to_yaml())
 
     args = training_arguments(config, has_eval=len(evaluation) > 0)
-    optimizer = make_optimizer(config.train.optimizer, [p for p in model.parameters() if p.requires_grad],
-                               lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
+    optimizer = build_optimizer(config, model)
     if config.train.torch_compile:
         console.print(f"torch.compile: {compile_blocks(model.get_base_model())} blocks (the first step compiles them)")
     progress, timer = RichProgress(console), StepTimer()
