@@ -1,6 +1,7 @@
 """Quality on the demo task: lorakit's job vs PEFT, same data, hyper-parameters, steps and Trainer.
 
-    python bench/demo_quality.py [--steps 10 30]
+    python bench/demo_quality.py [--steps 4 10 30]
+    python bench/demo_quality.py --variants [--steps 4 10]     LoRA vs DoRA vs PiSSA vs LoRA+ (lorakit only)
 
 Both sides use the demo config (src/lorakit/data/demo.yaml), the same encoded data, the same
 HF TrainingArguments, the same seed and AdamW, and are scored by the same before/after code
@@ -24,7 +25,11 @@ from harness import emit, side_in_subprocess
 SCRIPT = Path(__file__).resolve()
 
 
-def run_side(side: str, steps: int) -> dict:
+VARIANTS = {"lora": [], "dora": ["lora.use_dora=true"], "pissa": ["lora.init_lora_weights=pissa"],
+            "loraplus": ["train.loraplus_lr_ratio=16"]}
+
+
+def run_side(side: str, steps: int, variant: str = "lora") -> dict:
     import json
 
     from transformers import Trainer, set_seed
@@ -34,12 +39,13 @@ def run_side(side: str, steps: int) -> dict:
     from lorakit.train.config import load_job_config
     from lorakit.train.data import Collator
     from lorakit.train.evaluate import compare
-    from lorakit.train.job import build_data, build_model, training_arguments
+    from lorakit.train.job import build_data, build_model, build_optimizer, training_arguments
     from lorakit.train.trainer import LoraTrainer
 
     out = tempfile.mkdtemp(prefix=f"demo-quality-{side}-")
     with resources.as_file(resources.files("lorakit") / "data" / "demo.yaml") as path:
-        config = load_job_config(path, [f"train.max_steps={steps}", f"output_dir={out}", "train.save_steps=1000"])
+        config = load_job_config(path, [f"train.max_steps={steps}", f"output_dir={out}", "train.save_steps=1000",
+                                        *VARIANTS[variant]])
     tokenizer = load_tokenizer(config.model)
     train, evaluation = build_data(config, tokenizer)
     set_seed(config.train.seed)
@@ -55,8 +61,11 @@ def run_side(side: str, steps: int) -> dict:
         base.config.use_cache = False
         model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **config.lora))
         trainer_cls = Trainer
-    optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad], lr=config.train.learning_rate,
-                               weight_decay=config.train.weight_decay)
+    if side == "lorakit":
+        optimizer = build_optimizer(config, model)
+    else:
+        optimizer = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad],
+                                   lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     trainer = trainer_cls(model=model, args=training_arguments(config, has_eval=False), train_dataset=train,
                           data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None))
     started = time.perf_counter()
@@ -71,25 +80,41 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--side", choices=["lorakit", "peft"])
     parser.add_argument("--steps", type=int, nargs="+", default=[4, 10, 30])
+    parser.add_argument("--variant", choices=list(VARIANTS), default="lora", help="internal: one side's variant")
+    parser.add_argument("--variants", action="store_true", help="compare LoRA, DoRA, PiSSA, LoRA+ (lorakit)")
     args = parser.parse_args(argv)
     if args.side:
-        run_side(args.side, args.steps[0])
+        run_side(args.side, args.steps[0], args.variant)
         return
+    if args.variants:
+        return compare_variants(args.steps)
     results, ratios = {}, {}
     for steps in args.steps:
         for side in ("lorakit", "peft"):
-            r = side_in_subprocess(SCRIPT, side, "--steps", str(steps))
-            results[f"{side}@{steps}"] = {
-                "exact": round(r["adapter"]["exact_match"], 3), "contains": round(r["adapter"]["contains_match"], 3),
-                "eval_loss": round(r["adapter"]["loss"], 4), "base_exact": round(r["base"]["exact_match"], 3),
-                "train_s": round(r["seconds"], 1),
-            }
+            results[f"{side}@{steps}"] = summarize(side_in_subprocess(SCRIPT, side, "--steps", str(steps)))
         ours, theirs = results[f"lorakit@{steps}"], results[f"peft@{steps}"]
         ratios[f"exact_minus_peft@{steps}"] = ours["exact"] - theirs["exact"]
         ratios[f"contains_minus_peft@{steps}"] = ours["contains"] - theirs["contains"]
     command = "python bench/demo_quality.py " + " ".join(sys.argv[1:])
     emit("demo_quality", command.strip(), {"task": "demo.yaml (12 made-up facts, eval = the same facts)",
                                            "steps": args.steps}, results, ratios)
+
+
+def summarize(r: dict) -> dict:
+    return {"exact": round(r["adapter"]["exact_match"], 3), "contains": round(r["adapter"]["contains_match"], 3),
+            "eval_loss": round(r["adapter"]["loss"], 4), "base_exact": round(r["base"]["exact_match"], 3),
+            "train_s": round(r["seconds"], 1)}
+
+
+def compare_variants(steps_list: list[int]) -> None:
+    results, ratios = {}, {}
+    for steps in steps_list:
+        for variant in VARIANTS:
+            results[f"{variant}@{steps}"] = summarize(
+                side_in_subprocess(SCRIPT, "lorakit", "--steps", str(steps), "--variant", variant))
+            ratios[f"{variant}_time_vs_lora@{steps}"] = results[f"{variant}@{steps}"]["train_s"] / results[f"lora@{steps}"]["train_s"]
+    command = "python bench/demo_quality.py --variants --steps " + " ".join(map(str, steps_list))
+    emit("demo_variants", command, {"task": "demo.yaml", "variants": VARIANTS}, results, ratios)
 
 
 if __name__ == "__main__":

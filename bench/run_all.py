@@ -24,7 +24,9 @@ BENCHMARKS = [
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
     ("qlora_step.py", []),
+    ("dora_step.py", []),
     ("demo_quality.py", []),
+    ("demo_quality.py", ["--variants", "--steps", "4", "10"]),
 ]
 
 

@@ -47,20 +47,22 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compiled: bool = False):
+def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compiled: bool = False, **lora_extra):
+    """One training step's closure; `lora_extra` adds LoraConfig fields (e.g. use_dora=True) on both sides."""
+    lora = {**LORA, **lora_extra}
     if side == "lorakit":
         import lorakit
         from lorakit.quant import prepare_model_for_kbit_training
 
         if quantized:
             base = prepare_model_for_kbit_training(base)
-        model = lorakit.get_peft_model(base, lorakit.LoraConfig(**LORA))
+        model = lorakit.get_peft_model(base, lorakit.LoraConfig(**lora))
     else:
         import peft
 
         if quantized:
             base = peft.prepare_model_for_kbit_training(base)
-        model = peft.get_peft_model(base, peft.LoraConfig(**LORA))
+        model = peft.get_peft_model(base, peft.LoraConfig(**lora))
     model.train()
     if compiled and side == "lorakit":
         from lorakit.compile import compile_blocks
