@@ -281,7 +281,7 @@ class Collator:
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         packed = "position_ids" in rows[0]
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             ids[i, :n] = torch.tensor(row["input_ids"])
