@@ -12,7 +12,7 @@ the head's weight is frozen (its gradient is not needed; otherwise we fall back)
 `causal_lm_loss_forward` runs a transformers causal LM this way when it is safe to: a model
 type whose forward is exactly backbone → lm_head → shifted cross-entropy (no logit scaling or
 soft-capping), a plain frozen `nn.Linear` head, and no inputs we do not know. The output
-then has `loss` and no `logits`. `PeftModel.fused_loss = False` turns it off.
+then has `loss` and no `logits`. `PeftModel.set_fast_path(False)` turns it off.
 """
 
 from __future__ import annotations
@@ -48,9 +48,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows):
             h, t = hidden[start:start + rows], targets[start:start + rows]
             logits = buffer[: h.shape[0]]
-            logits.copy_(F.linear(h, weight, bias)) if weight.dtype != torch.float32 else torch.mm(h, weight.t(), out=logits)
-            if bias is not None and weight.dtype == torch.float32:
-                logits.add_(bias)
+            if weight.dtype != torch.float32:  # a half-precision head: its logits in fp32
+                logits.copy_(F.linear(h, weight, bias))
+            elif bias is None:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, h, weight.t(), out=logits)
             target = logits.gather(1, t[:, None]).squeeze(1)
             peak = logits.amax(dim=1, keepdim=True)
             norm = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit − peak)

@@ -39,7 +39,7 @@ class PeftModel(nn.Module):
     # Tells transformers' Trainer that this (possibly quantized) model carries trainable
     # adapters; it otherwise refuses to fine-tune a quantized model it does not know as PEFT's.
     _hf_peft_config_loaded = True
-    fused_loss = True  # training loss without full logits where it applies (see fused_loss.py)
+    fast_path = True  # fused LoRA op and the loss without full logits, where they apply (set_fast_path)
 
     def __init__(
         self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
@@ -91,6 +91,7 @@ class PeftModel(nn.Module):
         """Add a resolved config's adapter (with a checked file's tensors, if `plan`)."""
         first = not self.peft_config
         self.base_model.inject(config, adapter_name, plan)
+        self._apply_fast_path()  # layers this adapter added follow the model's setting
         if plan is not None and plan.biases:
             apply_biases(self.get_base_model(), plan.biases)
         self.peft_config[adapter_name] = config
@@ -330,14 +331,14 @@ class PeftModel(nn.Module):
 
         A causal LM's training call (labels, grad enabled, train mode) computes its loss with
         `fused_loss.linear_cross_entropy` — no full logits, so the output's `logits` is None;
-        set `model.fused_loss = False` for the reference path (same loss and gradients, tested).
+        `model.set_fast_path(False)` gives the reference path (same loss and gradients, tested).
         """
         named = {"attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
                  "position_ids": position_ids, "token_type_ids": token_type_ids}
         kwargs |= {key: value for key, value in named.items() if value is not None}
         base = self.get_base_model()
         with self._routing(adapter_names):
-            if self.fused_loss and fused_loss_applies(base, labels, kwargs):
+            if self.fast_path and fused_loss_applies(base, labels, kwargs):
                 return causal_lm_loss_forward(base, input_ids, labels, kwargs)
             if labels is not None:
                 kwargs["labels"] = labels
@@ -358,9 +359,12 @@ class PeftModel(nn.Module):
         On by default; off gives the plain reference path — the same numbers (tested against
         it and against PEFT), more time and memory, and `logits` in a training forward's output.
         """
-        self.fused_loss = enabled
+        self.fast_path = enabled
+        self._apply_fast_path()
+
+    def _apply_fast_path(self) -> None:
         for layer in self.base_model.adapter_layers():
-            layer.fused = enabled
+            layer.fused = self.fast_path
 
     # -- reporting ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -132,10 +132,10 @@ class LoraLinear(AdapterLayer):
     # -- PiSSA / OLoRA (init.py) ------------------------------------------------------------------
     def take_out_of_base(self, name: str, init: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute (A0, B0) from the base weight and leave W − s·B0A0 in the base."""
-        weight = self.base_weight_out_in()
         if is_quantized_weight(self.base_layer.weight) and init != "olora":
             raise ConfigError("PiSSA needs a full-precision base weight (its SVD of a quantized weight would be of the "
                               "quantization error too): initialise on the float base, then quantize the residual.")
+        weight = self.base_weight_out_in()
         initial = weight_init_factors(weight, init, self.r[name], self.scaling[name])
         self.initial_factors[name] = initial
         self.set_base_weight(weight - self.scaling[name] * initial[1] @ initial[0])

@@ -21,6 +21,8 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
+from lorakit.io import write_text_atomic
+
 
 class Throughput:
     """Tokens per second since training (re)started."""
@@ -98,7 +100,7 @@ class MetricsFile(TrainerCallback):
         if self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
