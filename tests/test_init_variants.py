@@ -134,6 +134,11 @@ def test_pissa_on_a_quantized_base_is_refused_and_olora_works(tmp_path):
         assert (output_of(model.eval(), inputs) - before).abs().max() < 0.05
 
 
+def test_weight_inits_on_embeddings_are_refused():
+    with pytest.raises(ConfigError, match="leave embedding layers"):
+        lorakit.get_peft_model(tiny_llama(), lorakit.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights="pissa"))
+
+
 def test_config_accepts_the_init_names_and_rejects_others():
     for init in ("pissa", "PiSSA", "pissa_niter_16", "olora", "gaussian"):
         lorakit.LoraConfig(init_lora_weights=init)

@@ -44,8 +44,9 @@ def adapter_tensors(base: nn.Module, adapter_name: str, config: LoraConfig) -> d
         elif isinstance(module, AdapterLayer) and adapter_name in module.r:
             out[f"{PREFIX}{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
             out[f"{PREFIX}{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
-            if adapter_name in module.lora_magnitude_vector:  # DoRA; PEFT's file name has no ".weight"
-                out[f"{PREFIX}{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name].weight
+        if isinstance(module, AdapterLayer) and adapter_name in getattr(module, "lora_magnitude_vector", {}):
+            # DoRA; PEFT's file name has no ".weight"
+            out[f"{PREFIX}{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name].weight
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = value

@@ -103,7 +103,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False  # True: adapter weights are frozen
-    use_dora: bool = False  # DoRA: a learned magnitude per output feature (layers/dora.py); Linear/Conv1D/4-8 bit
+    use_dora: bool = False  # DoRA: a learned magnitude per output feature (layers/dora.py)
     lora_bias: bool = False  # reserved: a bias on lora_B is not implemented yet
 
     def __post_init__(self) -> None:

@@ -62,10 +62,9 @@ class LoraModel(nn.Module):
             to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
         embeddings = [n for n in targets if isinstance(inner_module(modules[n]), nn.Embedding)]
-        if embeddings and (config.use_dora or is_weight_init(config.init_lora_weights)):
-            feature = "use_dora=True" if config.use_dora else f"init_lora_weights={config.init_lora_weights!r}"
-            raise ConfigError(f"{feature} on embedding layers ({embeddings[0]}) is not supported by lorakit yet; "
-                              "leave embeddings out of target_modules (all-linear never includes them).")
+        if embeddings and is_weight_init(config.init_lora_weights):  # PEFT has no embedding version either
+            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} takes A and B from a linear weight; "
+                              f"leave embedding layers ({embeddings[0]}) out of target_modules.")
         fresh = {n: _new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
         for name in targets:  # from here on nothing raises on a config error
             layer = fresh[name] if name in fresh else modules[name]

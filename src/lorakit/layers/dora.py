@@ -14,6 +14,9 @@ quantized base is dequantized to take the norm (`float_weight`).
 
 Merging: W ← (m/n)·(W + ΔW) with n = ‖W + ΔW‖_row; the norm is kept so unmerge can undo
 it exactly (W = W'/(m/n) − ΔW).
+
+Embedding (PEFT's DoraEmbeddingLayer): the output features are the embedding dimensions, so
+n is the norm of each column of E + s·(BA)ᵀ, and y = (m/n) ⊙ (base(x) + s·Δ(x)).
 """
 
 from __future__ import annotations
@@ -38,3 +41,25 @@ def row_norm(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 def per_output(factor: torch.Tensor, transposed: bool) -> torch.Tensor:
     """A per-output-feature vector shaped to scale a weight in its stored layout."""
     return factor.view(1, -1) if transposed else factor.view(-1, 1)
+
+
+class DoraMerging:
+    """`merged_weight` / `unmerged_weight` for a layer that may hold DoRA adapters (a mixin,
+    listed before AdapterLayer). The layer provides `lora_magnitude_vector`, `dora_norms`,
+    `delta_weight(name)` and `dora_transposed` (True when its weight is stored (in, out):
+    GPT-2's Conv1D, and an embedding, whose output features are its columns)."""
+
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().merged_weight(name, weight)
+        combined = weight + self.delta_weight(name).to(weight.dtype)
+        norm = row_norm(combined.float(), self.dora_transposed)
+        self.dora_norms[name] = norm
+        factor = self.lora_magnitude_vector[name].weight.detach() / norm
+        return (combined * per_output(factor, self.dora_transposed)).to(weight.dtype)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super().unmerged_weight(name, weight)
+        factor = self.lora_magnitude_vector[name].weight.detach() / self.dora_norms.pop(name)
+        return (weight / per_output(factor, self.dora_transposed) - self.delta_weight(name)).to(weight.dtype)

@@ -30,7 +30,7 @@ from torch import nn
 from lorakit.batching import Routing
 from lorakit.errors import ConfigError
 from lorakit.layers.base import AdapterLayer, is_quantized_weight
-from lorakit.layers.dora import DoraMagnitude, per_output, row_norm
+from lorakit.layers.dora import DoraMagnitude, DoraMerging, row_norm
 from lorakit.layers.init import is_weight_init, weight_init_factors
 from lorakit.layers.lora_fn import LoraLinearFunction
 from lorakit.quant import float_weight, requantize_like
@@ -70,7 +70,7 @@ def linear_features(base: nn.Module) -> tuple[int, int, bool]:
     return base.in_features, base.out_features, False
 
 
-class LoraLinear(AdapterLayer):
+class LoraLinear(DoraMerging, AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.in_features, self.out_features, self.base_transposed = linear_features(base_layer)
@@ -188,20 +188,9 @@ class LoraLinear(AdapterLayer):
         lora = self.lora_B[name](self.lora_A[name](x))
         return (scale - 1) * base + scale * lora * scaling
 
-    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(name, weight)
-        combined = weight + self.delta_weight(name).to(weight.dtype)
-        norm = row_norm(combined.float(), self.base_transposed)
-        self.dora_norms[name] = norm
-        factor = self.lora_magnitude_vector[name].weight.detach() / norm
-        return (combined * per_output(factor, self.base_transposed)).to(weight.dtype)
-
-    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(name, weight)
-        factor = self.lora_magnitude_vector[name].weight.detach() / self.dora_norms.pop(name)
-        return (weight / per_output(factor, self.base_transposed) - self.delta_weight(name)).to(weight.dtype)
+    @property
+    def dora_transposed(self) -> bool:
+        return self.base_transposed
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One `LoraLinearFunction` (lora_fn.py) for the common case: a single unmerged active
@@ -267,16 +256,20 @@ class LoraLinear(AdapterLayer):
         return delta if x.dim() == 3 else delta.squeeze(1)
 
 
-class LoraEmbedding(AdapterLayer):
+class LoraEmbedding(DoraMerging, AdapterLayer):
+    dora_transposed = True  # E is (num_embeddings, dim): the output features are its columns
+
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.in_features = base_layer.num_embeddings
         self.out_features = base_layer.embedding_dim
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (dora.py)
+        self.dora_norms: dict[str, torch.Tensor] = {}
 
-    def adapter_containers(self) -> Iterable[nn.ParameterDict]:
-        return (self.lora_embedding_A, self.lora_embedding_B)
+    def adapter_containers(self) -> Iterable[nn.ParameterDict | nn.ModuleDict]:
+        return (self.lora_embedding_A, self.lora_embedding_B, self.lora_magnitude_vector)
 
     def update_layer(
         self,
@@ -286,22 +279,36 @@ class LoraEmbedding(AdapterLayer):
         lora_dropout: float = 0.0,  # accepted for a uniform signature; a lookup has nothing to drop
         init_lora_weights: bool | str = True,
         use_rslora: bool = False,
-        weights: tuple[torch.Tensor, torch.Tensor] | None = None,
-        use_dora: bool = False,  # refused before we get here (tuner.inject)
+        weights: tuple[torch.Tensor, ...] | None = None,
+        use_dora: bool = False,
     ) -> None:
         self._set_scaling(name, r, lora_alpha, use_rslora)
         device = self._base_device()
         if weights is not None:
-            self.lora_embedding_A[name], self.lora_embedding_B[name] = (adapter_parameter(w, device) for w in weights)
-            return
-        weight_a = torch.randn(r, self.in_features, device=device)
-        weight_b = torch.randn(self.out_features, r, device=device)
-        if init_lora_weights is not False:
-            weight_a.zero_()
-        self.lora_embedding_A[name] = nn.Parameter(weight_a)
-        self.lora_embedding_B[name] = nn.Parameter(weight_b)
+            self.lora_embedding_A[name], self.lora_embedding_B[name] = (adapter_parameter(w, device) for w in weights[:2])
+        else:
+            weight_a = torch.randn(r, self.in_features, device=device)
+            weight_b = torch.randn(self.out_features, r, device=device)
+            if init_lora_weights is not False:
+                weight_a.zero_()
+            self.lora_embedding_A[name] = nn.Parameter(weight_a)
+            self.lora_embedding_B[name] = nn.Parameter(weight_b)
+        if use_dora:
+            magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
+            self.lora_magnitude_vector[name] = DoraMagnitude(adapter_parameter(magnitude.detach(), device))
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """‖column of E + ΔW‖ per embedding dimension, without gradient."""
+        with torch.no_grad():
+            return row_norm(float_weight(self.base_layer) + self.delta_weight(name).float(), transposed=True)
 
     def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+        if name in self.lora_magnitude_vector:  # y = (m/n) ⊙ (result + Δ(x)), n detached (PEFT)
+            scale = self.lora_magnitude_vector[name].weight / self.dora_norm(name)
+            return (scale - 1) * result + scale * self.embedding_delta(x, name)
+        return self.embedding_delta(x, name)
+
+    def embedding_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
         after_a = F.embedding(  # (..., r): the same lookup options as the base embedding
             x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx, max_norm=base.max_norm,
