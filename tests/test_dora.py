@@ -8,9 +8,9 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import inputs_for, output_of, small_llama, tiny_gpt2, tiny_llama, twin
 
 import lorakit
+from conftest import inputs_for, output_of, small_llama, tiny_gpt2, tiny_llama, twin
 from lorakit.errors import ConfigError
 from lorakit.models import load_base
 

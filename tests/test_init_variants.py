@@ -9,9 +9,9 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 
 import lorakit
+from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.errors import ConfigError
 from lorakit.models import load_base
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import inputs_for, tiny_llama, twin
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 
 import lorakit
+from conftest import inputs_for, tiny_llama, twin
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=False, bias="lora_only")
 
