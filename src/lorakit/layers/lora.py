@@ -169,19 +169,21 @@ class LoraLinear(DoraMerging, AdapterLayer):
         weight = float_weight(self.base_layer)
         return weight.t() if self.base_transposed else weight
 
-    def dora_norm(self, name: str) -> torch.Tensor:
-        """‖W + s·BA‖ per output feature, without gradient."""
+    def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W + s·BA‖ per output feature, without gradient (`weight`: W as (out, in), if at hand)."""
         with torch.no_grad():
+            weight = self.base_weight_out_in() if weight is None else weight
             lora = self.lora_B[name].weight @ self.lora_A[name].weight
-            return row_norm(self.base_weight_out_in() + self.scaling[name] * lora, transposed=False)
+            return row_norm(weight + self.scaling[name] * lora, transposed=False)
 
     def dora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None) -> torch.Tensor:
         """(m/n − 1) ⊙ x Wᵀ + (m/n) ⊙ s·B(A(x_d)), n detached (PEFT's DoRA forward)."""
         dropout, scaling = self.lora_dropout[name], self.scaling[name]
-        scale = self.lora_magnitude_vector[name].weight / self.dora_norm(name).to(x.dtype)
+        weight = self.base_weight_out_in()  # dequantized once per forward, for the norm and the base term
+        scale = self.lora_magnitude_vector[name].weight / self.dora_norm(name, weight).to(x.dtype)
         if result is None or (self.training and not isinstance(dropout, nn.Identity)):
             x = dropout(x)
-            base = F.linear(x, self.base_weight_out_in().to(x.dtype))
+            base = F.linear(x, weight.to(x.dtype))
         else:
             bias = self.base_layer.bias
             base = result if bias is None else result - bias
