@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("train_step.py", ["--batch", "4", "--seq", "128"]),
     ("train_step.py", ["--batch", "1", "--seq", "512"]),
     ("train_step.py", ["--batch", "4", "--seq", "128", "--compile"]),
+    ("train_step.py", ["--batch", "4", "--seq", "128", "--bf16"]),
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
     ("qlora_step.py", []),

@@ -4,7 +4,10 @@ One step = forward, loss, backward, AdamW step. Also times the "floor" a LoRA st
 approach with frozen base weights: two no-grad forwards of the base model (the backward
 to the inputs costs about one forward, and no weight gradients are needed).
 
-    python bench/train_step.py [--batch 4 --seq 128] [--quantize nf4] [--compile]
+    python bench/train_step.py [--batch 4 --seq 128] [--quantize nf4] [--compile] [--bf16]
+
+--bf16: both sides train under bf16 autocast (fp32 weights and adapters), as HF Trainer's
+bf16=True runs them; the floor's forwards run under it too.
 
 --compile: lorakit's decoder layers go through torch.compile (lorakit.compile.compile_blocks);
 the first step, which compiles, is timed apart as compile_s; PEFT stays eager.
@@ -47,7 +50,8 @@ def make_batch(batch: int, seq: int, vocab: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compiled: bool = False, **lora_extra):
+def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compiled: bool = False, bf16: bool = False,
+                  **lora_extra):
     """One training step's closure; `lora_extra` adds LoraConfig fields (e.g. use_dora=True) on both sides."""
     lora = {**LORA, **lora_extra}
     if side == "lorakit":
@@ -71,29 +75,32 @@ def train_step_fn(side: str, base, batch: dict, quantized: bool = False, compile
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        model(**batch).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def floor_fn(base, batch: dict):
+def floor_fn(base, batch: dict, bf16: bool = False):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
     def two_forwards():
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             base(**inputs)
             base(**inputs)
 
     return two_forwards
 
 
-def run_side(side: str, batch_size: int, seq: int, quantize: str | None, compiled: bool) -> None:
+def run_side(side: str, batch_size: int, seq: int, quantize: str | None, compiled: bool, bf16: bool) -> None:
     """Child process: one side alone, so its peak RSS (loading included) is its own."""
     reset_peak_rss()
     base = load_base(side, quantize)
-    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size), quantize is not None, compiled)
+    step = train_step_fn(side, base, make_batch(batch_size, seq, base.config.vocab_size), quantize is not None, compiled,
+                         bf16)
     seconds = time_interleaved({side: step}, reps=3, warmup=1)[side]
     print(f'{{"side": "{side}", "step_s": {seconds}, "peak_rss_mb": {peak_rss_mb()}}}')
 
@@ -105,25 +112,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quantize", choices=["nf4", "fp4", "int8"], help="QLoRA: quantized base")
     parser.add_argument("--compile", action="store_true", help="torch.compile lorakit's decoder layers")
+    parser.add_argument("--bf16", action="store_true", help="both sides under bf16 autocast")
     parser.add_argument("--side", choices=["lorakit", "peft"], help="internal: run one side alone")
     args = parser.parse_args(argv)
     if args.side:
-        return run_side(args.side, args.batch, args.seq, args.quantize, args.compile)
+        return run_side(args.side, args.batch, args.seq, args.quantize, args.compile, args.bf16)
 
     quantized = args.quantize is not None
     # Each side gets its own freshly loaded base (prepare_model_for_kbit_training changes it in place).
     bases = {side: load_base(side, args.quantize) for side in ("lorakit", "peft", "floor")}
     batch = make_batch(args.batch, args.seq, bases["floor"].config.vocab_size)
     candidates = {
-        "lorakit": train_step_fn("lorakit", bases["lorakit"], batch, quantized, args.compile),
-        "peft": train_step_fn("peft", bases["peft"], batch, quantized),
-        "floor": floor_fn(bases["floor"].eval(), batch),
+        "lorakit": train_step_fn("lorakit", bases["lorakit"], batch, quantized, args.compile, args.bf16),
+        "peft": train_step_fn("peft", bases["peft"], batch, quantized, bf16=args.bf16),
+        "floor": floor_fn(bases["floor"].eval(), batch, args.bf16),
     }
     started = time.perf_counter()
     candidates["lorakit"]()  # the first step (compiles, with --compile)
     first_step_s = time.perf_counter() - started
     times = time_interleaved(candidates, reps=args.reps, warmup=1)
-    extra = (["--quantize", args.quantize] if quantized else []) + (["--compile"] if args.compile else [])
+    extra = (["--quantize", args.quantize] if quantized else []) + (["--compile"] if args.compile else []) \
+        + (["--bf16"] if args.bf16 else [])
     memory = {side: side_in_subprocess(Path(__file__), side, "--batch", str(args.batch), "--seq", str(args.seq), *extra)
               for side in ("lorakit", "peft")}
     tokens = args.batch * args.seq
@@ -139,10 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         "lorakit_vs_floor": times["lorakit"] / times["floor"],
         "peft_vs_floor": times["peft"] / times["floor"],
     }
-    setup = {"model": "SmolLM2-135M-Instruct", **LORA, "batch": args.batch, "seq": args.seq, "dtype": "fp32",
+    setup = {"model": "SmolLM2-135M-Instruct", **LORA, "batch": args.batch, "seq": args.seq,
+             "dtype": "bf16 autocast" if args.bf16 else "fp32",
              "base": args.quantize or "fp32", "gradient_checkpointing": quantized,
              "mode": "lorakit compiled, peft eager" if args.compile else "eager", "reps": args.reps}
-    name = f"{'qlora' if quantized else 'train'}_step_{args.batch}x{args.seq}" + ("_compiled" if args.compile else "")
+    name = f"{'qlora' if quantized else 'train'}_step_{args.batch}x{args.seq}" + ("_compiled" if args.compile else "") \
+        + ("_bf16" if args.bf16 else "")
     command = f"python bench/train_step.py --batch {args.batch} --seq {args.seq}" + " ".join([""] + extra)
     emit(name, command, setup, results, ratios)
 

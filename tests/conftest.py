@@ -82,6 +82,20 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
     return TinyMLP().eval()
 
 
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A float model with the quantized model's exact (dequantized) weights: the reference."""
+    from lorakit.quant import float_weight
+
+    reference = small_llama()
+    state = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "weight") and isinstance(module.weight, torch.Tensor) and "lora_" not in name:
+            key = name.replace(".base_layer", "").removeprefix("base_model.model.")
+            state[f"{key}.weight"] = float_weight(module).clone()
+    reference.load_state_dict(state, strict=False)
+    return reference
+
+
 def inputs_for(model: nn.Module, batch: int = 3, seq: int = 7, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     if isinstance(model, TinyMLP):

@@ -110,3 +110,49 @@ def test_from_dict_refuses_features_we_do_not_implement():
         LoraConfig.from_dict({**data, "layer_replication": [[0, 2]]})
     with pytest.raises(ConfigError, match="Did you mean 'lora_alpha'"):
         LoraConfig.from_dict({**data, "lora_alhpa": 3})
+
+
+def test_keys_from_older_and_newer_peft_that_are_off_are_ignored_with_one_warning():
+    alpaca_lora = {"base_model_name_or_path": "decapoda-research/llama-7b-hf", "bias": "none", "enable_lora": None,
+                   "fan_in_fan_out": False, "inference_mode": True, "lora_alpha": 16, "lora_dropout": 0.05,
+                   "merge_weights": False, "modules_to_save": None, "peft_type": "LORA", "r": 16,
+                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "task_type": "CAUSAL_LM"}
+    newer = {**peft.LoraConfig(target_modules=["q"]).to_dict(), "some_future_feature": None, "future_flag": False,
+             "future_list": [], "use_qalora": False}
+    for data, expected in ((alpaca_lora, "enable_lora=None, merge_weights=False"),
+                           (newer, "some_future_feature=None, future_flag=False, future_list=[]")):
+        with pytest.warns(UserWarning, match="ignored keys lorakit does not know") as caught:
+            config = LoraConfig.from_dict(data)
+        assert len(caught) == 1 and expected in str(caught[0].message)
+        assert config.r == data["r"]
+
+
+def test_keys_that_are_switched_on_are_refused_as_probably_newer_peft():
+    data = peft.LoraConfig(target_modules=["q"]).to_dict()
+    with pytest.raises(ConfigError, match="probably written by a newer PEFT"):
+        LoraConfig.from_dict({**data, "use_future_trick": True})
+    with pytest.raises(ConfigError, match=r"modules_to_save=\['embed_tokens'\]"):
+        LoraConfig.from_dict({**data, "trainable_token_indices": [5, 6]})
+    with pytest.raises(ConfigError, match="no field 'enable_lora'"):  # in code, an unknown key is a typo
+        LoraConfig(enable_lora=None)
+
+
+def test_an_alpaca_lora_adapter_file_loads_and_ours_stay_strict(tmp_path):
+    import json
+
+    import lorakit
+    from conftest import tiny_llama
+    from lorakit.errors import AdapterConfigError
+
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    theirs.save_pretrained(tmp_path / "alpaca")  # a PEFT-made file, then alpaca-lora's extra keys
+    path = tmp_path / "alpaca" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "enable_lora": None, "merge_weights": False}))
+    with pytest.warns(UserWarning, match="enable_lora"):
+        loaded = lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "alpaca")
+    assert loaded.peft_config["default"].r == 4
+    loaded.save_pretrained(tmp_path / "ours")  # a file we wrote never holds unknown keys: one is an edit
+    path = tmp_path / "ours" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_nut": False}))
+    with pytest.raises(AdapterConfigError, match="Unknown key 'fan_in_fan_nut' in a config lorakit wrote"):
+        lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")

@@ -21,3 +21,20 @@ def test_demo_runs_the_job_end_to_end_and_the_adapter_learns(tmp_path):
     assert comparison["base"]["contains_match"] == 0  # the facts are made up: the base model cannot know them
     assert comparison["adapter"]["loss"] < 0.5 * comparison["base"]["loss"]
     assert comparison["adapter"]["contains_match"] >= 0.5
+
+
+def test_demo_replaces_only_its_own_runs(tmp_path, chat_model_dir):
+    out = tmp_path / "demo"
+    quick = ["--model", str(chat_model_dir), "--output-dir", str(out), "--set", "train.max_steps=2",
+             "--set", "train.save_steps=2", "--set", "eval.max_examples=2"]
+    for _ in range(2):  # the second demo replaces the first
+        result = CliRunner().invoke(app, ["demo", *quick])
+        assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["run"]["steps"] == 2
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my own run\n")
+    result = CliRunner().invoke(app, ["demo", *quick[:2], "--output-dir", str(mine)])
+    assert result.exit_code == 2 and "not a lorakit demo run" in result.output
+    assert (mine / "config.yaml").read_text() == "my own run\n" and len(list(mine.iterdir())) == 1

@@ -146,3 +146,31 @@ def test_config_accepts_the_init_names_and_rejects_others():
         lorakit.LoraConfig(init_lora_weights="pissa_niter_")
     with pytest.raises(ConfigError, match="Did you mean 'olora'"):
         lorakit.LoraConfig(init_lora_weights="olra")
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_the_base_is_the_true_base_for_disabled_adapters_base_rows_and_other_adapters(init):
+    """PiSSA/OLoRA leave W − s·B0A0 in the base layer; everything that is not that adapter must
+    still see W: disable_adapter(), `__base__` rows, and the rows/activation of another adapter."""
+    base = tiny_llama()
+    model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                          init_lora_weights=init))
+    nudge(model)  # trained: the adapter now differs from its initial part
+    plain = lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False)
+    model.add_adapter("plain", plain)
+    reference = lorakit.get_peft_model(copy.deepcopy(base), plain, "plain")  # W + ΔW_plain on the true base
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if ".plain." in k}, strict=False)
+    inputs = inputs_for(base)
+    model.eval()
+    with torch.no_grad():
+        truth = output_of(base, inputs)
+        with model.disable_adapter():
+            torch.testing.assert_close(output_of(model, inputs), truth, atol=ATOL, rtol=0)
+        trained = output_of(model, inputs)
+        assert (trained - truth).abs().max() > 1e-3
+        rows = output_of(model, inputs, adapter_names=["__base__", "default", "plain"])
+        torch.testing.assert_close(rows[0], truth[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(rows[1], trained[1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(rows[2], output_of(reference, inputs)[2], atol=ATOL, rtol=0)
+        model.set_adapter("plain")
+        torch.testing.assert_close(output_of(model, inputs), output_of(reference, inputs), atol=ATOL, rtol=0)

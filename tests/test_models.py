@@ -60,3 +60,22 @@ def test_smollm2_parity_with_peft(smollm2, capsys):
             expected = peft_grads[name].grad
             atol = 1e-5 * max(1.0, expected.abs().max().item())
             torch.testing.assert_close(param.grad, expected, atol=atol, rtol=0, msg=name)
+
+
+def test_the_public_id_of_a_builtin_model_names_the_same_model():
+    from lorakit.models import builtin_alias
+
+    assert builtin_alias("HuggingFaceTB/SmolLM2-135M-Instruct") == DEFAULT_MODEL == builtin_alias(DEFAULT_MODEL)
+    assert builtin_alias("HuggingFaceTB/other") is None
+
+
+@pytest.mark.slow
+def test_adapters_on_the_builtin_model_record_its_public_id_not_the_cache_path(smollm2, tmp_path):
+    import json
+
+    base, _ = smollm2
+    model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model_path(saved["base_model_name_or_path"]) == resolve_model_path(DEFAULT_MODEL)

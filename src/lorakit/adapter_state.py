@@ -68,8 +68,13 @@ class LoadPlan:
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # base parameter name → value
 
 
-def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path) -> LoadPlan:
-    """Check every tensor of an adapter file against `base` (bare or wrapped); change nothing."""
+def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path,
+              autocast_adapter_dtype: bool = True) -> LoadPlan:
+    """Check every tensor of an adapter file against `base` (bare or wrapped); change nothing.
+
+    `autocast_adapter_dtype` (PEFT's name): fp16/bf16 adapter weights become fp32, where training
+    and small updates keep their precision; False keeps the file's dtype.
+    """
     try:
         targets = find_target_modules(base, config)
         to_save = find_modules_to_save(base, config.modules_to_save or [])
@@ -87,7 +92,8 @@ def plan_load(base: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tens
             raise AdapterWeightsError(
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)}, but {what} needs {shape}."
             )
-        return tensor
+        upcast = autocast_adapter_dtype and tensor.dtype in (torch.float16, torch.bfloat16)
+        return tensor.float() if upcast else tensor
 
     for path in targets:
         layer = inner_module(modules[path])

@@ -60,6 +60,11 @@ class Routing:
             for name, idx in self._rows.items() if name != BASE_ADAPTER
         ])
 
+    def rows_not_using(self, name: str, device: torch.device) -> torch.Tensor:
+        """Indices of the rows whose adapter is not `name` (`__base__` rows included), on `device`."""
+        return self._cached(f"not-{name}", device, lambda: torch.tensor(
+            [i for i, row_name in enumerate(self.names) if row_name != name], dtype=torch.long, device=device))
+
     def cached_for(self, layer: object, device: torch.device, build):
         """Per-layer data derived from this routing (e.g. stacked weights), built once per batch."""
         return self._cached(f"layer-{id(layer)}", device, build)

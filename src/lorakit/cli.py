@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import lorakit
-from lorakit.errors import LorakitError
+from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.models import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -90,6 +91,8 @@ def _or_exit(function, *args):
     """Run; an error we raise on purpose becomes a one-line message and exit code 2."""
     try:
         return function(*args)
+    except TrainingInterrupted:
+        raise  # the caller knows the command to print
     except (LorakitError, FileNotFoundError, FileExistsError, ValueError) as exc:
         Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -186,7 +189,14 @@ def train(
     from lorakit.train.job import run_train
 
     job = _or_exit(load_job_config, config, set_)
-    _or_exit(run_train, job, resume, overwrite)
+    try:
+        _or_exit(run_train, job, resume, overwrite)
+    except TrainingInterrupted as stop:
+        again = " ".join(["lorakit", "train", shlex.quote(str(config)), *(f"--set {shlex.quote(s)}" for s in set_)])
+        command = f"{again} --resume" if stop.checkpoint is not None else f"{again} --overwrite"
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]{escape(str(stop))}[/yellow]\nTo continue: {escape(command)}",
+                                                   highlight=False)
+        raise typer.Exit(130) from None
 
 
 @app.command(name="eval")
@@ -220,15 +230,10 @@ def evaluate(
 @app.command()
 def demo(
     model: str = typer.Option(DEFAULT_MODEL, help="Built-in alias or local transformers directory."),
-    output_dir: str = typer.Option("runs/demo", help="Where the run goes (a previous demo run there is replaced)."),
+    output_dir: str = typer.Option("runs/demo", help="Where the run goes (only a previous demo run there is replaced)."),
     set_: list[str] = typer.Option([], "--set", help="Override a value of the demo config, e.g. train.max_steps=10."),
 ) -> None:
     """The main job on the default model: made-up facts the base gets wrong, learned in ~1 minute."""
-    from importlib import resources
+    from lorakit.train.job import run_demo
 
-    from lorakit.train.config import load_job_config
-    from lorakit.train.job import run_train
-
-    with resources.as_file(resources.files("lorakit") / "data" / "demo.yaml") as path:
-        job = _or_exit(load_job_config, path, [f"model={model}", f"output_dir={output_dir}", *set_])
-    _or_exit(run_train, job, False, True)
+    _or_exit(run_demo, model, output_dir, set_)

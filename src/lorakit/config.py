@@ -20,6 +20,7 @@ import enum
 import functools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,20 +204,50 @@ class LoraConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        """Build from a PEFT adapter_config.json dict; refuse PEFT features we do not implement."""
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> LoraConfig:
+        """Build from a PEFT adapter_config.json dict, as PEFT reads files from other versions.
+
+        A key we do not know is ignored (with one warning) when it is switched off — null, false,
+        empty, or PEFT's "off" value for the features listed in `_PEFT_KEYS_WHEN_OFF` — as with
+        alpaca-lora's `enable_lora: null, merge_weights: false`. A key that is switched on may
+        change the adapter's numbers, so it is refused: loading it would silently compute
+        something else. `strict` (a file lorakit wrote, which never holds unknown keys) refuses
+        every unknown key: there it is an edit or corruption. (`LoraConfig(**kwargs)` stays
+        strict too: there an unknown key is a typo.)
+        """
         data = dict(data)
         peft_type = data.get("peft_type", PEFT_TYPE)
         if peft_type != PEFT_TYPE:
             raise ConfigError(f"peft_type is {peft_type!r}; lorakit reads only LoRA adapters (peft_type 'LORA').")
         for key in _PEFT_BOOKKEEPING_KEYS:
             data.pop(key, None)
-        for key, off in _PEFT_KEYS_WHEN_OFF.items():
-            if key in data:
-                value = data.pop(key)
-                if value not in (off, None, False, {}, []):
-                    raise ConfigError(f"The adapter uses PEFT's {key}={value!r}, which lorakit does not support.")
+        known = {f.name for f in dataclasses.fields(cls)}
+        ignored = []
+        for key in [k for k in data if k not in known]:
+            value = data.pop(key)
+            if strict:
+                raise ConfigError(f"Unknown key {key!r} in a config lorakit wrote (edited or corrupted?)."
+                                  f"{closest(key, known, _SYNONYMS)}")
+            if value in (_PEFT_KEYS_WHEN_OFF.get(key), None, False, "", {}, []):
+                ignored.append(f"{key}={value!r}")
+            elif key in _PEFT_KEYS_WHEN_OFF:
+                raise ConfigError(f"The adapter uses PEFT's {key}={value!r}, which lorakit does not support."
+                                  + _ALTERNATIVES.get(key, ""))
+            else:
+                raise ConfigError(
+                    f"The adapter config sets {key}={value!r}, a key this version of lorakit does not know (the file was "
+                    f"probably written by a newer PEFT, or edited).{closest(key, known, _SYNONYMS)} It is switched on and "
+                    "may change the adapter's numbers, so it is refused rather than ignored; if you know it does not, "
+                    "delete the key from adapter_config.json."
+                )
+        if ignored:
+            warnings.warn(f"adapter_config.json: ignored keys lorakit does not know, all switched off: {', '.join(ignored)} "
+                          "(written by an older or newer PEFT).", stacklevel=3)
         return cls(**data)
+
+
+_ALTERNATIVES = {"trainable_token_indices": " To train token embeddings with lorakit, train the whole embedding "
+                 "as a copy instead: modules_to_save=['embed_tokens'] (or the model's embedding module name)."}
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -79,3 +79,16 @@ class AdapterBaseMismatch(AdapterError):
 
 class DataError(ConfigError):
     """A training/eval data file is missing, unreadable, empty, or fits no known format."""
+
+
+class TrainingInterrupted(LorakitError):
+    """A training run was interrupted (Ctrl-C); says where it stopped and what can be resumed."""
+
+    def __init__(self, output_dir, step: int, max_steps: int, checkpoint, save_steps: int):
+        self.output_dir, self.step, self.checkpoint = output_dir, step, checkpoint
+        if checkpoint is not None:
+            where = f"the newest complete checkpoint is {checkpoint} (step {str(checkpoint).rsplit('-', 1)[-1]})"
+        else:
+            where = (f"no checkpoint was written yet (the first comes at step train.save_steps={save_steps}), so "
+                     "there is nothing to resume: start again with --overwrite")
+        super().__init__(f"Interrupted at step {step} of {max_steps} in {output_dir}; {where}.")

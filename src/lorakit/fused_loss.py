@@ -35,33 +35,45 @@ BACKBONE_KWARGS = frozenset({"attention_mask", "position_ids", "inputs_embeds", 
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(hidden @ Wᵀ + b, target) / divisor, for a frozen W."""
+    """sum over rows of CE(hidden @ Wᵀ + b, target) / divisor, for a frozen W.
+
+    Logits and the softmax are fp32 (float64 for a float64 head: gradcheck) whatever the
+    head's dtype, and autocast is off inside: the plain path under autocast rounds the logits
+    to bf16/fp16 before its fp32 loss, so this loss is the more precise of the two (the tests
+    compare them at half-precision tolerance). ∂L/∂hidden = (softmax − onehot) · W / divisor.
+    """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                 divisor: torch.Tensor) -> torch.Tensor:
         rows = max(1, min(CHUNK_ROWS, CHUNK_LOGITS // weight.shape[0]))
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # of the logits
+        exact = weight.dtype == hidden.dtype == dtype  # GEMMs straight into the logits buffer
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # One logits buffer, reused by every chunk and updated in place (no per-chunk allocations).
-        buffer = torch.empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows]
-            logits = buffer[: h.shape[0]]
-            if weight.dtype != torch.float32:  # a half-precision head: its logits in fp32
-                logits.copy_(F.linear(h, weight, bias))
-            elif bias is None:
-                torch.mm(h, weight.t(), out=logits)
-            else:
-                torch.addmm(bias, h, weight.t(), out=logits)
-            target = logits.gather(1, t[:, None]).squeeze(1)
-            peak = logits.amax(dim=1, keepdim=True)
-            norm = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit − peak)
-            total += (peak.squeeze(1) + norm.squeeze(1).log() - target).sum()
-            if grad is not None:  # dloss/dlogits = softmax − onehot
-                logits.div_(norm)
-                logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                torch.mm(logits.to(weight.dtype), weight, out=grad[start:start + rows])
+        buffer = torch.empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], rows):
+                h, t = hidden[start:start + rows].to(weight.dtype), targets[start:start + rows]
+                logits = buffer[: h.shape[0]]
+                if not exact:  # a half-precision head (or input): its logits, upcast
+                    logits.copy_(F.linear(h, weight, bias))
+                elif bias is None:
+                    torch.mm(h, weight.t(), out=logits)
+                else:
+                    torch.addmm(bias, h, weight.t(), out=logits)
+                target = logits.gather(1, t[:, None]).squeeze(1)
+                peak = logits.amax(dim=1, keepdim=True)
+                norm = logits.sub_(peak).exp_().sum(dim=1, keepdim=True)  # logits now hold exp(logit − peak)
+                total += (peak.squeeze(1) + norm.squeeze(1).log() - target).sum()
+                if grad is not None:  # dloss/dlogits = softmax − onehot
+                    logits.div_(norm)
+                    logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if exact:
+                        torch.mm(logits, weight, out=grad[start:start + rows])
+                    else:
+                        grad[start:start + rows] = torch.mm(logits.to(weight.dtype), weight)
         if grad is not None:
             ctx.save_for_backward(grad, divisor)
         return total / divisor

@@ -166,15 +166,16 @@ def read_adapter(directory: str | os.PathLike, verify_integrity: bool = True) ->
         raise AdapterFileNotFoundError(f"{weights} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     if not config_path.is_file():
         raise AdapterFileNotFoundError(f"{config_path} is missing; it says how the tensors in {WEIGHTS_NAME} are applied.")
-    config = read_config(config_path)
     tensors, metadata = _read_weights(weights)
+    # A file we wrote never holds a key we do not know: there, one is an edit or corruption.
+    config = read_config(config_path, strict="lorakit.format_version" in metadata)
     if verify_integrity:
         _check_integrity(weights, config, tensors, metadata)
     _check_values(weights, tensors)
     return AdapterFiles(directory, config, tensors, metadata)
 
 
-def read_config(path: Path) -> LoraConfig:
+def read_config(path: Path, strict: bool = False) -> LoraConfig:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -186,7 +187,7 @@ def read_config(path: Path) -> LoraConfig:
     if not isinstance(data, dict):
         raise AdapterConfigError(f"{path} must hold a JSON object (the adapter config), found {type(data).__name__}.")
     try:
-        return LoraConfig.from_dict(data)
+        return LoraConfig.from_dict(data, strict=strict)
     except (ConfigError, TypeError, ValueError) as exc:
         raise AdapterConfigError(f"{path}: {exc}") from None
 

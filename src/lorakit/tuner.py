@@ -47,7 +47,11 @@ class LoraModel(nn.Module):
         return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
 
     def tuner_modules(self) -> list[AdapterLayer | ModulesToSaveWrapper]:
-        return [m for m in self.model.modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        return [m for _, m in self.named_tuner_modules()]
+
+    def named_tuner_modules(self) -> list[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
+        """(name, module) of adapted layers and saved-module wrappers, named as PEFT names them ("model.…")."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
 
     # -- in ----------------------------------------------------------------------------------
     def inject(self, config: LoraConfig, adapter_name: str, plan: LoadPlan | None = None) -> None:

@@ -110,11 +110,11 @@ def test_torch_compile_switch_reports_the_first_step_apart(tmp_path, chat_model_
 
 def test_yaml_takes_dora_init_rslora_and_loraplus(tmp_path, chat_model_dir):
     lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear", "use_dora": True,
-            "init_lora_weights": "pissa_niter_2", "use_rslora": True}
+            "init_lora_weights": "pissa", "use_rslora": True}
     config = job_yaml(tmp_path, chat_model_dir, "prompt_completion", lora=lora,
                       train={"loraplus_lr_ratio": 16, "max_steps": 3})
     train(config)
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
-    assert saved["use_dora"] and saved["use_rslora"] and saved["init_lora_weights"] == "pissa_niter_2"
+    assert saved["use_dora"] and saved["use_rslora"] and saved["init_lora_weights"] == "pissa"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["comparison"]["adapter"]["loss"] < summary["comparison"]["base"]["loss"]

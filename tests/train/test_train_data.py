@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chat_model import FACTS, records, write_jsonl
+from lorakit.errors import DataError
 from lorakit.models import load_base, load_tokenizer
 from lorakit.train.data import (
     IGNORE_INDEX,
@@ -100,3 +101,40 @@ def test_packed_rows_attend_within_each_example_only(chat_model_dir, tokenizer):
     # the first token of each example is never a target (it would be predicted across the boundary)
     starts = [i for i, p in enumerate(rows[0]["position_ids"]) if p == 0]
     assert all(rows[0]["labels"][i] == IGNORE_INDEX for i in starts)
+
+
+def test_csv_keeps_quoted_newlines_and_ignores_a_byte_order_mark(tmp_path):
+    path = tmp_path / "data.csv"
+    # Excel's UTF-8 export: a BOM, CRLF line ends, a cell with a newline inside quotes
+    path.write_bytes('\ufeffprompt,completion\r\n"Line one\nline two",answer\r\nplain,"a, b"\r\n'.encode())
+    assert read_records(path) == [{"prompt": "Line one\nline two", "completion": "answer"},
+                                  {"prompt": "plain", "completion": "a, b"}]
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=f"{path}: not UTF-8 text"):
+        read_records(path)
+
+
+def test_list_of_parts_content_is_rendered_as_text(tokenizer):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Veloria?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Quendar."}]}]
+    plain = [{"role": "user", "content": "Capital of Veloria?"}, {"role": "assistant", "content": "Quendar."}]
+    assert encode_chat(tokenizer, parts) == encode_chat(tokenizer, plain)
+    with pytest.raises(DataError, match=r"message 1 has content parts of type \['image_url'\]"):
+        encode_chat(tokenizer, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_a_tool_call_record_the_template_cannot_render_names_file_record_and_message(tmp_path, tokenizer):
+    chat = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "w"}}]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    path = write_jsonl(tmp_path / "tools.jsonl", records("messages") + [{"messages": chat}])
+    with pytest.raises(DataError) as caught:
+        load_dataset(path, tokenizer)
+    message = str(caught.value)
+    assert message.startswith(f"{path}, record 7: the chat template could not render message 2 "
+                              "(role 'assistant', content null, tool_calls)")
+    assert "Traceback" not in message and len(message) < 600

@@ -18,6 +18,7 @@ The base layer is only ever
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 
 from lorakit.batching import Routing, current_routing
 from lorakit.errors import AdapterStateError, MergeError, RoutingError
-from lorakit.quant import float_weight, quant_kind, requantize_like
+from lorakit.quant import float_weight, keep_training_layout, quant_kind, requantize_like
 
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:
@@ -47,6 +48,7 @@ class AdapterLayer(nn.Module):
         self.disable_adapters = False
         self.merged_into_quantized = False  # a requantizing merge cannot be undone
         self.fused = True  # use `fused_forward` where it applies; False: the plain reference path
+        self.base_is_4bit = quant_kind(getattr(base_layer, "weight", None)) == "4bit"
 
     # HF model code sometimes reads these straight off a submodule (tied embeddings, T5).
     @property
@@ -78,6 +80,15 @@ class AdapterLayer(nn.Module):
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The same output as the plain path in one autograd op, or None where none applies."""
         return None
+
+    def withheld_adapters(self) -> Sequence[str]:
+        """Adapters that took part of the base weight into themselves (PiSSA/OLoRA): the base
+        layer holds W − (that part), so a row not using such an adapter must get it back."""
+        return ()
+
+    def withheld_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` took out of the base layer's output for input x (see above)."""
+        raise NotImplementedError
 
     def use_gathered(self, x: torch.Tensor, routing: Routing) -> bool:
         """Whether to run a batched GEMM per rank bucket instead of a GEMM pair per adapter (see lora.py)."""
@@ -117,8 +128,13 @@ class AdapterLayer(nn.Module):
         """Activate `names` (stacked); only active adapters' parameters require grad."""
         self.active_adapters = list(names)
         for name in self.adapters:
-            for param in self.adapter_parameters(name):
-                param.requires_grad_(trainable and name in self.active_adapters)
+            self.set_requires_grad(name, trainable and name in self.active_adapters)
+
+    def set_requires_grad(self, name: str, requires_grad: bool) -> None:
+        for param in self.adapter_parameters(name):
+            param.requires_grad_(requires_grad)
+        if requires_grad and self.base_is_4bit:
+            keep_training_layout(self.base_layer)  # no gradient-less inference kernel (quant.py)
 
     def _base_device(self) -> torch.device:
         param = next(self.base_layer.parameters(), None)
@@ -127,20 +143,30 @@ class AdapterLayer(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, adapter_names: Sequence[str] | None = None, **kwargs) -> torch.Tensor:
         routing = Routing(adapter_names) if adapter_names is not None else current_routing()
+        if self.base_is_4bit and torch.is_grad_enabled() and keep_training_layout(self.base_layer):
+            warnings.warn("A 4-bit base layer had been repacked for bitsandbytes' CPU inference kernel, which has no "
+                          "backward; it was converted back (best effort) before this gradient-enabled forward. "
+                          "Make adapters trainable before evaluating to avoid the repacking.", stacklevel=2)
         if self.disable_adapters:
             if self.merged_adapters:
                 raise AdapterStateError("Adapters are merged into the weights; unmerge them before disabling.")
-            return self.base_layer(x, *args, **kwargs)
+            return self._give_back(x, self.base_layer(x, *args, **kwargs), using=())
         if routing is not None:
             return self._routed_forward(x, routing, *args, **kwargs)
-        if self.fused and not args and not kwargs:
-            fused = self.fused_forward(x)
-            if fused is not None:
-                return fused
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.r and name not in self.merged_adapters:
-                result = result + self.lora_output(x, name, result).to(result.dtype)
+        result = self.fused_forward(x) if self.fused and not args and not kwargs else None
+        if result is None:
+            result = self.base_layer(x, *args, **kwargs)
+            for name in self.active_adapters:
+                if name in self.r and name not in self.merged_adapters:
+                    result = result + self.lora_output(x, name, result).to(result.dtype)
+        return self._give_back(x, result, using=(*self.active_adapters, *self.merged_adapters))
+
+    def _give_back(self, x: torch.Tensor, result: torch.Tensor, using: Sequence[str]) -> torch.Tensor:
+        """Add back what withheld adapters not in `using` took out of the base (PiSSA/OLoRA), so
+        the base — disabled adapters, `__base__` rows, other adapters — is the original model."""
+        for name in self.withheld_adapters():
+            if name not in using:
+                result = result + self.withheld_output(x, name).to(result.dtype)
         return result
 
     def _routed_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
@@ -157,11 +183,15 @@ class AdapterLayer(nn.Module):
         if not routing.reference and self.use_gathered(x, routing):
             for rows, weights in self.gathered_weights(routing, x.device):
                 result.index_add_(0, rows, self.gathered_output(x.index_select(0, rows), weights).to(result.dtype))
-            return result
-        for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
-            if name in self.r:  # this layer may not be targeted by every adapter
-                delta = self.lora_output(x.index_select(0, rows), name, result.index_select(0, rows))
-                result.index_add_(0, rows, delta.to(result.dtype))
+        else:
+            for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
+                if name in self.r:  # this layer may not be targeted by every adapter
+                    delta = self.lora_output(x.index_select(0, rows), name, result.index_select(0, rows))
+                    result.index_add_(0, rows, delta.to(result.dtype))
+        for name in self.withheld_adapters():  # rows of other adapters and __base__ get the original base
+            rows = routing.rows_not_using(name, x.device)
+            if len(rows):
+                result.index_add_(0, rows, self.withheld_output(x.index_select(0, rows), name).to(result.dtype))
         return result
 
     # -- merge -----------------------------------------------------------------------------

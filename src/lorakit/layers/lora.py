@@ -32,8 +32,8 @@ from lorakit.errors import ConfigError
 from lorakit.layers.base import AdapterLayer, is_quantized_weight
 from lorakit.layers.dora import DoraMagnitude, DoraMerging, row_norm
 from lorakit.layers.init import is_weight_init, weight_init_factors
-from lorakit.layers.lora_fn import LoraLinearFunction
-from lorakit.quant import float_weight, requantize_like
+from lorakit.layers.lora_fn import LoraLinearFunction, log_fallback_once
+from lorakit.quant import float_weight, keep_training_layout, requantize_like
 
 
 @functools.cache
@@ -46,9 +46,9 @@ def conv1d_type() -> type | None:
 
 
 def adapter_parameter(tensor: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """Adapters live in fp32 (as PEFT keeps them): half-precision files are upcast."""
-    dtype = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.dtype
-    return nn.Parameter(tensor.to(device=device, dtype=dtype))
+    """A given adapter tensor as a parameter on the base layer's device, in its own dtype (loading
+    upcasts half-precision files to fp32 first, as PEFT does: `autocast_adapter_dtype`)."""
+    return nn.Parameter(tensor.to(device=device))
 
 
 def linear_around(weight: nn.Parameter) -> nn.Linear:
@@ -118,6 +118,8 @@ class LoraLinear(DoraMerging, AdapterLayer):
                 nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_b.weight)
         self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        if use_dora and self.base_is_4bit:
+            keep_training_layout(self.base_layer)  # DoRA dequantizes W every forward (quant.py)
         if use_dora:
             magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
             self.lora_magnitude_vector[name] = DoraMagnitude(adapter_parameter(magnitude.detach(), device))
@@ -140,6 +142,14 @@ class LoraLinear(DoraMerging, AdapterLayer):
         self.initial_factors[name] = initial
         self.set_base_weight(weight - self.scaling[name] * initial[1] @ initial[0])
         return initial
+
+    def withheld_adapters(self) -> list[str]:
+        return list(self.initial_factors)
+
+    def withheld_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """s·B0(A0 x): the principal part PiSSA/OLoRA moved from the base weight into the adapter."""
+        a0, b0 = self.initial_factors[name]
+        return F.linear(F.linear(x.to(a0.dtype), a0), b0) * self.scaling[name]
 
     def set_base_weight(self, weight_out_in: torch.Tensor) -> None:
         """Write a float (out, in) weight into the base layer, in its layout, dtype or quantization."""
@@ -205,7 +215,10 @@ class LoraLinear(DoraMerging, AdapterLayer):
             return None
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if weight.requires_grad or not (x.dtype == weight.dtype == lora_a.dtype == lora_b.dtype):
+        if weight.requires_grad:  # a base being trained too (rare): the plain path computes its gradient
+            return None
+        if lora_a.dtype != lora_b.dtype or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
+            log_fallback_once(f"input {x.dtype}, base weight {weight.dtype}, adapter A {lora_a.dtype} / B {lora_b.dtype}")
             return None
         if self.base_transposed:  # Conv1D keeps (in, out)
             weight = weight.t()

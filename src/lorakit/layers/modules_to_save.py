@@ -9,7 +9,7 @@ state-dict keys (`classifier.modules_to_save.default.weight`) match.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,8 +44,15 @@ class ModulesToSaveWrapper(nn.Module):
 
     def set_adapter(self, names: Sequence[str], trainable: bool) -> None:
         self.active_adapters = list(names)
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(trainable and name == self._active_copy_name())
+        for name in self.modules_to_save:
+            self.set_requires_grad(name, trainable and name == self._active_copy_name())
+
+    def set_requires_grad(self, name: str, requires_grad: bool) -> None:
+        if name in self.modules_to_save:
+            self.modules_to_save[name].requires_grad_(requires_grad)
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        yield from (self.modules_to_save[name].parameters() if name in self.modules_to_save else ())
 
     def _active_copy_name(self) -> str | None:
         """PEFT's rule: the first active adapter that has a copy here (copies replace, they do not stack)."""

@@ -79,6 +79,10 @@ class RichProgress(TrainerCallback):
         self.progress.update(self.task, **fields)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """End the live display (also when training stops by an interrupt, which skips on_train_end)."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -8,10 +8,16 @@
     eval: {max_examples: 64, max_new_tokens: 48, samples: 3}
     output_dir: runs/example
 
-`lora:` takes every `LoraConfig` field. `--set train.max_steps=10` overrides one value
-(parsed as YAML). Unknown keys name the closest valid one; values of the wrong type say
-which key and what type. Relative data paths are looked up from the working directory,
-then from the config file's directory (so a packaged config can ship its data beside it).
+`lora:` takes every `LoraConfig` field; the keys given override the job's defaults one by
+one (`lora: {r: 8}` keeps α=32, dropout 0.05 and all-linear targets). `--set
+train.max_steps=10` overrides one value (parsed as YAML). Unknown keys name the closest valid
+one; values of the wrong type say which key and what type.
+
+Paths (`model` when it is a directory, `data.train`, `data.eval`, `output_dir`): one rule.
+A relative path written in the YAML file is relative to the file's folder, wherever the
+command runs (so a config can ship its data beside it); a relative path given with `--set`
+is relative to the working directory, as any command-line path. The resolved absolute
+paths are what config.yaml and report.md record.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import yaml
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, DataError, closest
-from lorakit.models import DEFAULT_MODEL
+from lorakit.models import DEFAULT_MODEL, is_builtin_model
 from lorakit.optim import OPTIMIZERS
 
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "text")
@@ -73,6 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
     gradient_checkpointing: bool = False
     torch_compile: bool = False  # compile the decoder layers; the first step includes the compilation
+    bf16: bool = False  # bf16 autocast (weights and adapters stay fp32), as GPU users train
+    fp16: bool = False  # fp16 autocast with loss scaling; needs a CUDA GPU
 
 
 @dataclass
@@ -106,16 +114,15 @@ class JobConfig:
             raise ConfigError(f"lora: {exc}") from None
 
     def data_path(self, which: str) -> Path | None:
-        """`data.train` / `data.eval` as an existing file, or a DataError naming where we looked."""
+        """`data.train` / `data.eval` (already absolute, see `resolve_paths`) as an existing file."""
         value = getattr(self.data, which)
         if value is None:
             return None
-        path = Path(value).expanduser()
-        tried = [path] if path.is_absolute() else [Path.cwd() / path, self.base_dir / path]
-        for candidate in tried:
-            if candidate.is_file():
-                return candidate
-        raise DataError(f"data.{which}: file {value!r} not found (looked at {', '.join(map(str, dict.fromkeys(tried)))}).")
+        path = Path(value)
+        if not path.is_file():
+            raise DataError(f"data.{which}: file {str(path)!r} not found (relative paths in a config file are "
+                            f"relative to its folder, {self.base_dir}; with --set, to the working directory).")
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -129,7 +136,7 @@ class JobConfig:
 def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML file (or start from the defaults), apply `key.path=value` overrides, check it."""
     raw: dict[str, Any] = {}
-    base_dir = Path(".")
+    base_dir = Path.cwd()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -141,15 +148,34 @@ def load_job_config(path: str | Path | None, overrides: list[str] | None = None)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys (model, lora, data, train, ...).")
         base_dir = path.resolve().parent
-    for item in overrides or []:
-        _apply_override(raw, item)
+    given = {_apply_override(raw, item) for item in overrides or []}
     config = _build(JobConfig, raw, "")
     config.base_dir = base_dir
+    resolve_paths(config, given)
     _check(config)
     return config
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+PATH_KEYS = ("model", "data.train", "data.eval", "output_dir")
+
+
+def resolve_paths(config: JobConfig, from_command_line: set[str]) -> None:
+    """Make every path absolute by the one rule in the module docstring (a built-in model alias stays a name)."""
+    for key in PATH_KEYS:
+        *section, leaf = key.split(".")
+        owner = getattr(config, section[0]) if section else config
+        value = getattr(owner, leaf)
+        if value is None or (key == "model" and is_builtin_model(value)):
+            continue
+        anchor = Path.cwd() if key in from_command_line else config.base_dir
+        path = anchor / Path(value).expanduser()  # an absolute value stays itself
+        if key == "model" and not path.is_dir():
+            continue  # neither alias nor directory: the loader's error names both
+        setattr(owner, leaf, str(path.resolve()))
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Set one `key.path=value` in the raw mapping; returns the key."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value (e.g. train.max_steps=10), got {item!r}.")
@@ -160,6 +186,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {item!r}: {part!r} is not a section.")
     node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return key.strip()
 
 
 def _build(cls, raw: Any, where: str):
@@ -177,6 +204,9 @@ def _build(cls, raw: Any, where: str):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             values[key] = _build(hint, value if value is not None else {}, f"{where}{key}.")
+        elif typing.get_origin(hint) is dict:  # a free-form section (lora:): given keys override the defaults
+            default = next(f for f in dataclasses.fields(cls) if f.name == key).default_factory()
+            values[key] = {**default, **_coerce({} if value is None else value, hint, where + key)}
         else:
             values[key] = _coerce(value, hint, where + key)
     return cls(**values)
@@ -240,4 +270,29 @@ def _check(config: JobConfig) -> None:
     positive("eval.samples", config.eval.samples, zero_ok=True)
     if config.train.loraplus_lr_ratio is not None:
         positive("train.loraplus_lr_ratio", config.train.loraplus_lr_ratio)
-    config.lora_config()  # LoraConfig's own checks, with "lora:" in front
+    check_precision(config.train.bf16, config.train.fp16)
+    lora = config.lora_config()  # LoraConfig's own checks, with "lora:" in front
+    if lora.use_dora and str(lora.init_lora_weights).startswith("pissa_niter_"):
+        raise ConfigError("lora: use_dora with init_lora_weights=pissa_niter_K cannot be saved faithfully: a DoRA adapter "
+                          "cannot be converted to plain LoRA, and its residual base comes from a randomized SVD that "
+                          "differs on every load. Use init_lora_weights: pissa (exact SVD) with DoRA.")
+
+
+def check_precision(bf16: bool, fp16: bool) -> None:
+    """Refuse a mixed precision this machine cannot run, saying why and what to use instead."""
+    import torch
+
+    if bf16 and fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both true; choose one (bf16 needs no loss scaling).")
+    if fp16 and not torch.cuda.is_available():
+        raise ConfigError("train.fp16 needs a CUDA GPU: fp16 training relies on loss scaling (GradScaler), which "
+                          "accelerate and HF Trainer support on GPUs only. On this machine use train.bf16: true, or neither.")
+    if bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.bf16: this GPU has no bf16 support (it needs compute capability 8.0, e.g. A100, "
+                          "RTX 30xx or newer); use train.fp16: true instead.")
+    if bf16 and not torch.cuda.is_available():
+        try:  # torch's CPU autocast runs bf16 on any x86/ARM CPU it supports (emulated where no bf16 units exist)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                torch.ones(2, 2) @ torch.ones(2, 2)
+        except RuntimeError as exc:
+            raise ConfigError(f"train.bf16: this CPU cannot run bf16 autocast ({exc}); set train.bf16: false.") from None

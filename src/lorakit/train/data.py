@@ -86,29 +86,43 @@ def read_records(path: Path) -> list[dict]:
     """Records from JSONL (one object per line), JSON (a list of objects) or CSV (a header row)."""
     if not path.is_file():
         raise DataError(f"Data file {str(path)!r} not found.")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".csv":
-        records = list(csv.DictReader(text.splitlines()))
-    elif suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}.") from None
-    else:  # .jsonl, .json holding JSON lines, anything else
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}): {line[:80]!r}") from None
+    try:
+        records = _read_csv(path) if path.suffix.lower() == ".csv" else _read_json(path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8.") from None
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict):
             raise DataError(f"{path}, record {number}: expected a JSON object, got {type(record).__name__}.")
     if not records:
         raise DataError(f"{path}: the data set is empty (no records).")
+    return records
+
+
+def _read_csv(path: Path) -> list[dict]:
+    # As the csv module requires: newline="" keeps newlines inside quoted cells; utf-8-sig drops a
+    # byte-order mark (Excel writes one), which would otherwise be part of the first column's name.
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return list(csv.DictReader(handle))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV file ({exc}).") from None
+
+
+def _read_json(path: Path) -> list:
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON (line {exc.lineno}): {exc.msg}.") from None
+    records = []  # .jsonl, .json holding JSON lines, anything else
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}): {line[:80]!r}") from None
     return records
 
 
@@ -140,11 +154,48 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def text_content(message: dict, number: int) -> dict:
+    """The message with list-of-parts content (OpenAI's [{"type": "text", "text": ...}]) as one string;
+    templates written for string content (most, SmolLM2's included) cannot concatenate a list."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content}
+    if kinds - {"text"}:
+        raise DataError(f"message {number} has content parts of type {sorted(map(str, kinds - {'text'}))}; only "
+                        "text parts can be trained on (render other parts to text, or drop the record).")
+    return {**message, "content": "".join(part.get("text", "") for part in content)}
+
+
+def rendered_chat(tokenizer, messages) -> tuple[list[dict], list[int]]:
+    """(messages, token ids) of a chat the template renders, or a DataError naming the message it
+    cannot render and why (instead of a template traceback)."""
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise DataError(f"'messages' must be a list of objects with a 'role'; got {messages!r:.120}")
+    messages = [text_content(m, n) for n, m in enumerate(messages, start=1)]
+    try:
+        return messages, chat_ids(tokenizer, messages)
+    except Exception as exc:  # noqa: BLE001 (jinja2 and template code raise anything): find the message
+        failed = next((n for n in range(1, len(messages) + 1) if not _renders(tokenizer, messages[:n])), len(messages))
+        message = messages[failed - 1]
+        what = ", ".join([f"role {message['role']!r}"] + (["content null"] if message.get("content") is None else [])
+                         + (["tool_calls"] if message.get("tool_calls") else []))
+        raise DataError(f"the chat template could not render message {failed} ({what}): "
+                        f"{type(exc).__name__}: {exc}. Give every message text content, or use a model whose "
+                        "template renders tool calls.") from None
+
+
+def _renders(tokenizer, messages: list[dict]) -> bool:
+    try:
+        chat_ids(tokenizer, messages)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> Example:
     """Token ids of a rendered chat; labels on the assistant turns (or on everything)."""
-    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
-        raise DataError(f"each message needs 'role' and 'content'; got {messages!r:.120}")
-    ids = chat_ids(tokenizer, messages)
+    messages, ids = rendered_chat(tokenizer, messages)
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     last_prompt: list[int] = []
     for turn, message in enumerate(messages):

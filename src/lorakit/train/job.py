@@ -7,6 +7,11 @@
     5. adapter/ (PEFT format), config.yaml, loss.png, report.md with the before/after table
 
 Output directory:  adapter/  checkpoint-N/  config.yaml  metrics.jsonl  loss.png  report.md  summary.json
+(and adapter_init/ for PiSSA/OLoRA: the adapter before training, which `adapter/` was converted with)
+
+Rules that keep work from being lost: a run in output_dir is never replaced without
+--overwrite; --resume continues only the same config (more steps allowed); Ctrl-C raises
+`TrainingInterrupted`, which names the step and what is left to resume from.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from rich.console import Console
 from transformers import TrainingArguments, set_seed
 
 from lorakit.compile import compile_blocks
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, TrainingInterrupted
 from lorakit.io import write_text_atomic
+from lorakit.layers.init import is_weight_init
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_base, load_tokenizer
 from lorakit.optim import create_loraplus_optimizer, make_optimizer, optimizer_class
@@ -36,7 +42,9 @@ from lorakit.train.evaluate import compare
 from lorakit.train.report import plot_losses, print_comparison, write_report
 from lorakit.train.trainer import LoraTrainer, checkpoints, prune_checkpoints
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png", "summary.json", "adapter")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png", "summary.json", "adapter", "adapter_init")
+DEMO_MARK = "lorakit-demo.json"  # written by `lorakit demo` (and kept by it): only such a run may be replaced by a demo
+DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 def build_data(config: JobConfig, tokenizer) -> tuple[Dataset, Dataset]:
@@ -68,46 +76,84 @@ def training_arguments(config: JobConfig, has_eval: bool) -> TrainingArguments:
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        save_only_model=False,
+        save_only_model=False, bf16=t.bf16, fp16=t.fp16,
     )
 
 
-def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); never silently mixes two runs."""
+def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from or None, a note for the user); never silently mixes or loses runs."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it; pass one of them.")
     out = Path(config.output_dir)
     complete, _ = checkpoints(out)
     previous = [name for name in RUN_FILES if (out / name).exists()] + [p.name for p in complete]
     if resume:
+        if not complete and not previous:
+            raise ConfigError(f"--resume: {out} holds no run to resume (no complete checkpoint); run without --resume.")
         if not complete:
-            raise ConfigError(f"--resume: {out} has no complete checkpoint to resume from; run without --resume.")
-        _check_same_run(config, out / "config.yaml")
+            raise ConfigError(f"--resume: {out} has no complete checkpoint: the run stopped before its first save (at step "
+                              f"train.save_steps={config.train.save_steps}), so there is nothing to resume; start it "
+                              "again with --overwrite.")
+        note = _check_resumable(config, out, complete[-1])
         prune_checkpoints(out, keep=len(complete))  # removes folders a killed save left incomplete
-        return complete[-1]
+        return complete[-1], note
     if previous:
         if not overwrite:
-            raise ConfigError(
-                f"{out} holds a previous run ({', '.join(previous[:4])}); pass --resume to continue it, --overwrite "
-                "to replace it, or set another output_dir (e.g. --set output_dir=runs/new)."
-            )
+            hint = "pass --resume to continue it, --overwrite to replace it" if complete else \
+                "it has no checkpoint to resume from; pass --overwrite to replace it"
+            raise ConfigError(f"{out} holds a previous run ({', '.join(previous[:4])}); {hint}, or set another "
+                              "output_dir (e.g. --set output_dir=runs/new).")
         for name in previous + [p.name for p in checkpoints(out)[1]]:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return None
+    return None, None
 
 
-def _check_same_run(config: JobConfig, saved_path: Path) -> None:
-    """Resuming with other settings would silently train a different model; only more steps are allowed."""
+def _check_resumable(config: JobConfig, out: Path, checkpoint: Path) -> str | None:
+    """Resuming with other settings would silently train a different model; only more steps are
+    allowed (returns what a decaying schedule then does)."""
+    saved_path = out / "config.yaml"
     if not saved_path.is_file():
-        return
-    saved = load_job_config(saved_path).to_dict()
-    current = config.to_dict()
-    for section in (saved, current):
-        section["train"].pop("max_steps")
-        section.pop("output_dir")
-    if saved != current:
-        changed = [k for k in current if current[k] != saved.get(k)]
-        raise ConfigError(f"--resume: the config differs from the run's config.yaml in {changed}; only "
-                          "train.max_steps may change on resume. Start a new run for other settings.")
+        return None
+    saved = load_job_config(saved_path)
+    changes = [f"{key}: {old!r} → {new!r}" for key, old, new in _differences(saved.to_dict(), config.to_dict())
+               if key not in ("train.max_steps", "output_dir")]
+    if changes:
+        raise ConfigError("--resume: the config differs from the run's config.yaml in " + "; ".join(changes)
+                          + ". Only train.max_steps may grow on resume; start a new run for other settings.")
+    step, steps, was = _step_of(checkpoint), config.train.max_steps, saved.train.max_steps
+    if steps < was:
+        raise ConfigError(f"--resume: train.max_steps {was} → {steps}: lowering the step count is not a resume (the "
+                          f"learning-rate schedule was built for {was} steps). Use {checkpoint / 'adapter_model.safetensors'}"
+                          " as it is, or start a new run.")
+    if steps == was and step >= steps and (out / "summary.json").is_file():
+        raise ConfigError(f"--resume: {out} is finished ({steps} of {steps} steps; see its report.md). To train "
+                          f"further, raise the step count: --set train.max_steps={2 * steps} --resume.")
+    return schedule_note(config.train.lr_scheduler, was, steps)
+
+
+def _differences(saved: dict, current: dict, prefix: str = ""):
+    """(dotted key, saved value, current value) for every leaf that differs."""
+    for key in dict.fromkeys([*saved, *current]):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            yield from _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            yield f"{prefix}{key}", old, new
+
+
+def schedule_note(schedule: str, was: int, steps: int) -> str | None:
+    """What a decaying schedule does when a resumed run is given more steps."""
+    if steps <= was or schedule not in DECAYING_SCHEDULES:
+        return None
+    return (f"train.max_steps grew from {was} to {steps} under the '{schedule}' schedule: the schedule is recomputed "
+            f"for {steps} steps, so the learning rate continues from where {steps} steps would have it at the "
+            f"resumed step (higher than at the end of the first run), then decays to 0 at step {steps}. For a "
+            "fresh decay, start a new run; for a flat continuation use lr_scheduler: constant.")
+
+
+def is_demo_run(out: Path) -> bool:
+    return (out / DEMO_MARK).is_file()
 
 
 def peak_memory() -> tuple[float, str]:
@@ -125,6 +171,22 @@ def build_model(config: JobConfig) -> PeftModel:
     return get_peft_model(base, config.lora_config())
 
 
+def converts_on_save(config: JobConfig) -> bool:
+    """PiSSA/OLoRA adapters train against a residual base (W − their initial part), so adapter/ is
+    PEFT's conversion to a plain rank-2r LoRA for the untouched base, made against adapter_init/
+    (saved before training); pissa_niter_K could not even rebuild its residual on load (the
+    randomized SVD differs each time). DoRA cannot be converted: with exact PiSSA/OLoRA its file
+    stays as trained (the deterministic init rebuilds the residual on load; pissa_niter_K with
+    DoRA is refused by the config check)."""
+    lora = config.lora_config()
+    return is_weight_init(lora.init_lora_weights) and not lora.use_dora
+
+
+def save_adapter(model: PeftModel, config: JobConfig, out: Path) -> None:
+    initial = out / "adapter_init" if converts_on_save(config) else None
+    model.save_pretrained(out / "adapter", path_initial_model_for_weight_conversion=initial)
+
+
 def build_optimizer(config: JobConfig, model) -> torch.optim.Optimizer:
     """The configured optimizer; with train.loraplus_lr_ratio, LoRA+ parameter groups."""
     t = config.train
@@ -139,7 +201,9 @@ def build_optimizer(config: JobConfig, model) -> torch.optim.Optimizer:
 def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
     out = Path(config.output_dir)
-    checkpoint = prepare_output_dir(config, resume, overwrite)
+    checkpoint, note = prepare_output_dir(config, resume, overwrite)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {note}")
     tokenizer = load_tokenizer(config.model)
     train, evaluation = build_data(config, tokenizer)
     s = train.stats
@@ -152,6 +216,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     console.print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", config.to_yaml())
+    if converts_on_save(config) and not checkpoint:
+        model.save_pretrained(out / "adapter_init")  # the PiSSA/OLoRA start, for the conversion at the end
 
     args = training_arguments(config, has_eval=len(evaluation) > 0)
     optimizer = build_optimizer(config, model)
@@ -164,9 +230,15 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
     )
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        progress.stop()
+        complete, _ = checkpoints(out)
+        raise TrainingInterrupted(out, trainer.state.global_step, config.train.max_steps,
+                                  complete[-1] if complete else None, config.train.save_steps) from None
     seconds = time.perf_counter() - started
-    model.save_pretrained(out / "adapter")
+    save_adapter(model, config, out)
 
     started_eval = time.perf_counter()
     examples = evaluation.examples[: config.eval.max_examples]
@@ -176,7 +248,11 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     metrics = read_metrics(out / "metrics.jsonl")
     memory, memory_kind = peak_memory()
     summary = {
-        "output_dir": str(out), "model": config.model, "quantize": config.quantize, "lora": config.lora,
+        "output_dir": str(out), "model": config.model, "quantize": config.quantize,
+        "lora": config.lora_config().to_dict(),  # resolved: the job's defaults with the YAML's keys over them
+        "paths": {"config_dir": str(config.base_dir), "train": config.data.train, "eval": config.data.eval,
+                  "output_dir": str(out)},
+        "precision": "bf16 autocast" if config.train.bf16 else "fp16 autocast" if config.train.fp16 else "fp32",
         "data": {"format": train.format, "max_seq_len": config.data.max_seq_len,
                  "packed_rows": len(train.rows) if train.rows else None,
                  "train": vars(train.stats), "eval": vars(evaluation.stats)},
@@ -195,6 +271,21 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     print_comparison(comparison, console)
     console.print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}\nplot:    {out / 'loss.png'}")
     return summary
+
+
+def run_demo(model: str, output_dir: str, overrides: list[str]) -> dict:
+    """`lorakit demo`: the packaged job. It replaces a previous demo run in output_dir, and
+    refuses anything else there (a user's own run must not be lost to a demo)."""
+    from importlib import resources
+
+    with resources.as_file(resources.files("lorakit") / "data" / "demo.yaml") as path:
+        job = load_job_config(path, [f"model={model}", f"output_dir={output_dir}", *overrides])
+    out = Path(job.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not is_demo_run(out):
+        raise ConfigError(f"{out} holds something that is not a lorakit demo run; the demo replaces only its own runs. "
+                          "Choose another --output-dir, or move that folder away.")
+    write_text_atomic(out / DEMO_MARK, json.dumps({"demo": True}) + "\n")
+    return run_train(job, resume=False, overwrite=True)
 
 
 def _last(metrics: list[dict], key: str) -> float | None:

@@ -72,11 +72,16 @@ def _cell(text) -> str:
 
 def write_report(path: Path, summary: dict) -> Path:
     """report.md: data, adapter, cost, final losses, before/after and samples."""
-    data, run, comparison = summary["data"], summary["run"], summary["comparison"]
+    data, run, comparison, lora, paths = (summary[k] for k in ("data", "run", "comparison", "lora", "paths"))
     lines = [f"# lorakit run: {summary['output_dir']}", "",
              f"Model `{summary['model']}`" + (f", quantized {summary['quantize']}" if summary["quantize"] else "")
-             + f"; LoRA r={summary['lora']['r']}, alpha={summary['lora']['lora_alpha']}, "
-             f"targets {summary['lora']['target_modules']}.", "",
+             + f"; LoRA r={lora['r']}, alpha={lora['lora_alpha']}, dropout {lora['lora_dropout']}, "
+             f"targets {lora['target_modules']}, init {lora['init_lora_weights']}"
+             + (", DoRA" if lora["use_dora"] else "") + (", rsLoRA" if lora["use_rslora"] else "")
+             + f"; {summary['precision']}.", "",
+             f"Paths (relative ones in the config resolve against its folder, `{paths['config_dir']}`; --set values "
+             f"against the working directory): train `{paths['train']}`, eval `{paths['eval']}`, output "
+             f"`{paths['output_dir']}`.", "",
              "## Data", "", "| | train | eval |", "|---|---|---|"]
     for key in ("examples", "tokens", "loss_tokens", "truncated", "dropped", "longest"):
         lines.append(f"| {key.replace('_', ' ')} | {data['train'][key]:,} | {data['eval'][key]:,} |")

@@ -56,6 +56,20 @@ class AdapterCheckpoints:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         restore_adapters(self.model, Path(resume_from_checkpoint))
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer restores the optimizer's saved learning rate, which is the schedule's value for the
+        *old* step count; with more steps the first resumed step would run at it (≈0 after a decay)
+        and the next jump. Set each group's rate from the restored schedule instead (the same value
+        when the step count is unchanged)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        rates = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
+        scheduler._last_lr = rates
+
 
 class LoraTrainer(AdapterCheckpoints, Trainer):
     """`transformers.Trainer` with adapter-only, complete-or-ignored checkpoints."""
