@@ -15,7 +15,7 @@ import torch
 import lorakit
 from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.batching import Routing, adapter_routing
-from lorakit.layers import AdapterLayer
+from lorakit.methods import AdapterLayer
 
 ATOL = 1e-5
 

@@ -156,3 +156,11 @@ def test_an_alpaca_lora_adapter_file_loads_and_ours_stay_strict(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "fan_in_fan_nut": False}))
     with pytest.raises(AdapterConfigError, match="Unknown key 'fan_in_fan_nut' in a config lorakit wrote"):
         lorakit.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours")
+
+
+def test_a_current_peft_file_loads_without_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LoraConfig.from_dict(peft.LoraConfig(target_modules=["q"]).to_dict())

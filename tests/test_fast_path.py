@@ -13,7 +13,7 @@ import torch
 import lorakit
 from conftest import VOCAB, tiny_gpt2, tiny_llama, twin
 from lorakit.fused_loss import linear_cross_entropy
-from lorakit.layers.lora import LoraLinear
+from lorakit.methods.lora.layer import LoraLinear
 
 ATOL = 1e-5
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

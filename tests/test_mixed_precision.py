@@ -22,7 +22,7 @@ import torch
 import lorakit
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 from lorakit.fused_loss import LinearCrossEntropy
-from lorakit.layers.lora_fn import LoraLinearFunction
+from lorakit.methods.lora.fused import LoraLinearFunction
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

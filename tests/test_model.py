@@ -120,7 +120,7 @@ def test_merge_and_unload_keeps_outputs_and_returns_plain_model():
     inputs = inputs_for(base)
     expected = output_of(model, inputs)
     plain = model.merge_and_unload(safe_merge=True)
-    assert not any(isinstance(m, lorakit.layers.AdapterLayer) for m in plain.modules())
+    assert not any(isinstance(m, lorakit.methods.AdapterLayer) for m in plain.modules())
     torch.testing.assert_close(output_of(plain, inputs), expected, atol=1e-5, rtol=0)
 
 
@@ -148,7 +148,7 @@ def test_delete_adapter_leaves_the_model_as_it_was():
     assert [(n, type(m)) for n, m in model.named_modules()] == structure
     assert set(model.state_dict()) == keys
     model.delete_adapter("default")
-    assert not any(isinstance(m, lorakit.layers.AdapterLayer) for m in model.modules())
+    assert not any(isinstance(m, lorakit.methods.AdapterLayer) for m in model.modules())
 
 
 def test_adapter_name_rules():
@@ -175,7 +175,7 @@ def test_unadaptable_target_is_refused_before_the_model_changes():
 
 def test_default_targets_by_model_type():
     model, _ = wrapped(target_modules=None)
-    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, lorakit.layers.AdapterLayer)} == {
+    assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, lorakit.methods.AdapterLayer)} == {
         "q_proj", "v_proj"
     }
 
@@ -188,7 +188,7 @@ def test_all_linear_skips_the_output_head():
 def test_seq_cls_head_is_trained_as_a_saved_copy():
     model, _ = wrapped(tiny_bert_classifier, r=2, task_type="SEQ_CLS", target_modules=["query"])
     wrapper = model.get_base_model().classifier
-    assert isinstance(wrapper, lorakit.layers.ModulesToSaveWrapper)
+    assert isinstance(wrapper, lorakit.methods.ModulesToSaveWrapper)
     assert all(p.requires_grad for p in wrapper.modules_to_save["default"].parameters())
     assert not any(p.requires_grad for p in wrapper.original_module.parameters())
     assert model.peft_config["default"].modules_to_save == ["classifier"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -13,14 +12,14 @@ from lorakit.adapter_state import PREFIX
 from lorakit.errors import AdapterWeightsError
 from lorakit.fingerprint import short_id
 from lorakit.io import CHECKSUM_KEY, CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, write_adapter
+from lorakit.methods.registry import method_of
 
 
 def describe(directory: str | os.PathLike) -> dict:
     """Config, base, fingerprint, targets, ranks, sizes and per-tensor statistics (after all checks)."""
     files = read_adapter(directory)
     config = files.config
-    modules = sorted({_module_of(key) for key in files.tensors if ".lora_" in key})
-    ranks = Counter(files.tensors[k].shape[0] for k in files.tensors if k.endswith(("lora_A.weight", "lora_embedding_A")))
+    summary = method_of(config).summarize({k.removeprefix(PREFIX): t for k, t in files.tensors.items()})
     stats = {
         key.removeprefix(PREFIX): {
             "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
@@ -39,17 +38,13 @@ def describe(directory: str | os.PathLike) -> dict:
         "made_by": f"lorakit {files.metadata['lorakit.version']}" if "lorakit.version" in files.metadata else "not lorakit (PEFT?)",
         "created": files.metadata.get("lorakit.created"),
         "checksum": "verified" if CHECKSUM_KEY in files.metadata else "none recorded",
-        "target_modules": modules,
-        "ranks": {str(r): n for r, n in sorted(ranks.items())},
+        "target_modules": summary["target_modules"],
+        "ranks": summary["ranks"],
         "parameters": sum(t.numel() for t in files.tensors.values()),
         "size_bytes": sum(p.stat().st_size for p in (root / WEIGHTS_NAME, root / CONFIG_NAME)),
         "other_adapters": sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file()),
         "tensors": stats,
     }
-
-
-def _module_of(key: str) -> str:
-    return key.removeprefix(PREFIX).split(".lora_")[0]
 
 
 def convert_pickle(directory: str | os.PathLike) -> Path:

@@ -8,8 +8,8 @@ The safetensors metadata (strings; PEFT ignores it) carries lorakit's facts:
 `lorakit.format_version`, `lorakit.version`, `lorakit.created`, `lorakit.base_model`,
 `lorakit.base_fingerprint` (see fingerprint.py), and two integrity checks —
 `lorakit.checksum` (CRC-32 of every tensor's bytes and of the metadata) and
-`lorakit.config_digest` (SHA-256 of the config fields that change the adapter's numbers:
-r, alpha, dropout, targets, patterns, …). A flipped byte or a hand-edited rank then fails loudly
+`lorakit.config_digest` (SHA-256 of the config fields that change the adapter's numbers,
+the config class's `digest_fields`: for LoRA r, alpha, dropout, targets, patterns, …). A flipped byte or a hand-edited rank then fails loudly
 instead of loading wrong numbers. Fields that do not change numbers
 (`base_model_name_or_path`, `revision`, `task_type`, `inference_mode`) may be edited.
 PEFT-made files have neither check; reading them checks everything else.
@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lorakit.config import LoraConfig
 from lorakit.errors import (
     AdapterConfigError,
     AdapterFileNotFoundError,
@@ -43,6 +43,7 @@ from lorakit.errors import (
     ConfigError,
     PickleRefusedError,
 )
+from lorakit.methods.registry import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,10 +52,6 @@ FORMAT_VERSION = "1"
 CHECKSUM_KEY = "lorakit.checksum"
 DIGEST_KEY = "lorakit.config_digest"
 FINGERPRINT_KEY = "lorakit.base_fingerprint"
-DIGEST_FIELDS = (
-    "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-    "rank_pattern", "alpha_pattern", "fan_in_fan_out", "bias", "modules_to_save", "use_dora", "lora_bias",
-)
 
 
 @dataclass
@@ -62,7 +59,7 @@ class AdapterFiles:
     """What one adapter directory holds, read and checked."""
 
     directory: Path
-    config: LoraConfig
+    config: Any
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
 
@@ -84,9 +81,9 @@ def adapter_dir(root: str | os.PathLike, adapter_name: str) -> Path:
     return Path(root) if adapter_name == "default" else Path(root) / adapter_name
 
 
-def config_digest(config: LoraConfig) -> str:
+def config_digest(config: Any) -> str:
     data = config.to_dict()
-    canonical = json.dumps({k: data.get(k) for k in DIGEST_FIELDS}, sort_keys=True)
+    canonical = json.dumps({k: data.get(k) for k in config.digest_fields}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -124,7 +121,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         staged.write_text(text, encoding="utf-8")
 
 
-def write_adapter(directory: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_adapter(directory: Path, config: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write one adapter directory atomically (see the module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -175,7 +172,7 @@ def read_adapter(directory: str | os.PathLike, verify_integrity: bool = True) ->
     return AdapterFiles(directory, config, tensors, metadata)
 
 
-def read_config(path: Path, strict: bool = False) -> LoraConfig:
+def read_config(path: Path, strict: bool = False) -> Any:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -187,7 +184,7 @@ def read_config(path: Path, strict: bool = False) -> LoraConfig:
     if not isinstance(data, dict):
         raise AdapterConfigError(f"{path} must hold a JSON object (the adapter config), found {type(data).__name__}.")
     try:
-        return LoraConfig.from_dict(data, strict=strict)
+        return config_from_dict(data, strict=strict)
     except (ConfigError, TypeError, ValueError) as exc:
         raise AdapterConfigError(f"{path}: {exc}") from None
 
@@ -202,7 +199,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def _check_integrity(path: Path, config: LoraConfig, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _check_integrity(path: Path, config: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     stored = metadata.get(CHECKSUM_KEY)
     if stored is not None and stored != checksum(tensors, metadata):
         raise AdapterWeightsError(
@@ -213,7 +210,7 @@ def _check_integrity(path: Path, config: LoraConfig, tensors: dict[str, torch.Te
     if digest is not None and digest != config_digest(config):
         raise AdapterConfigError(
             f"{path.parent / CONFIG_NAME} does not match the config these weights were saved with (a field among "
-            f"{', '.join(DIGEST_FIELDS)} was edited or corrupted). Re-save the adapter with the intended config, or "
+            f"{', '.join(config.digest_fields)} was edited or corrupted). Re-save the adapter with the intended config, or "
             "pass verify_integrity=False to load it anyway."
         )
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.io import AdapterFiles, read_adapter
+from lorakit.methods.lora.config import LoraConfig
 from lorakit.targets import SEQ_CLS_HEADS
 
 

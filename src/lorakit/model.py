@@ -21,15 +21,16 @@ import torch
 from torch import nn
 
 from lorakit import __version__
-from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, convert_weight_init, plan_load
+from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, plan_load
 from lorakit.batching import BASE_ADAPTER, adapter_routing
-from lorakit.combine import add_weighted_adapter
-from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, RoutingError
 from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.io import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
 from lorakit.loading import LoadOptions, name_or_path, resolve_config
+from lorakit.methods.lora.blend import add_weighted_adapter
+from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.lora.init import convert_weight_init
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
 from lorakit.tuner import LoraModel
 
@@ -199,7 +200,7 @@ class PeftModel(nn.Module):
         self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
         combination_type: str = "svd", svd_rank: int | None = None,
     ) -> None:
-        """Blend adapters into a new one ("linear", "cat" or "svd"; see lorakit.combine)."""
+        """Blend adapters into a new one ("linear", "cat" or "svd"; see lorakit.methods.lora.blend)."""
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # -- merge / unload ----------------------------------------------------------------------

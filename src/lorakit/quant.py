@@ -151,6 +151,8 @@ class Footprint:
 
 def footprint(model: nn.Module) -> Footprint:
     """Bytes per part of a (possibly wrapped, possibly quantized) model, read from its buffers."""
+    from lorakit.methods.registry import is_adapter_parameter  # methods build on this module
+
     result = Footprint()
     seen: set[int] = set()
     for name, param in model.named_parameters():
@@ -158,7 +160,7 @@ def footprint(model: nn.Module) -> Footprint:
             continue
         seen.add(id(param))
         kind = quant_kind(param)
-        if ".lora_" in name or ".modules_to_save." in name:
+        if is_adapter_parameter(name) or ".modules_to_save." in name:
             result.adapters += _nbytes(param)
         elif kind == "4bit":
             state = param.quant_state

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.base_layers import conv1d_type
 from lorakit.errors import TargetModulesError
-from lorakit.layers.base import AdapterLayer
-from lorakit.layers.lora import conv1d_type
-from lorakit.layers.modules_to_save import ModulesToSaveWrapper
+from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
 SEQ_CLS_HEADS = ("score", "classifier")
 

@@ -8,18 +8,15 @@ before the first module is replaced, so a bad config leaves the model untouched.
 
 from __future__ import annotations
 
-import warnings
+from typing import Any
 
 from torch import nn
 
 from lorakit.adapter_state import LoadPlan
-from lorakit.config import LoraConfig
-from lorakit.errors import ConfigError
-from lorakit.layers import inner_module
-from lorakit.layers.base import AdapterLayer
-from lorakit.layers.init import is_weight_init
-from lorakit.layers.lora import LoraEmbedding, LoraLinear, linear_features
-from lorakit.layers.modules_to_save import ModulesToSaveWrapper
+from lorakit.methods import inner_module
+from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.modules_to_save import ModulesToSaveWrapper
+from lorakit.methods.registry import method_of
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 
@@ -54,34 +51,24 @@ class LoraModel(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
 
     # -- in ----------------------------------------------------------------------------------
-    def inject(self, config: LoraConfig, adapter_name: str, plan: LoadPlan | None = None) -> None:
+    def inject(self, config: Any, adapter_name: str, plan: LoadPlan | None = None) -> None:
         """Add adapter `adapter_name` to every module `config` targets (validated first).
 
         With a `plan` (a checked adapter file), layers take its tensors instead of an init.
+        The method (methods/registry.py) wraps modules and adds the adapter; this only walks the tree.
         """
+        method = method_of(config)
         if plan is not None:  # already resolved and checked against this model
-            targets, to_save = list(plan.lora), list(plan.saved_modules)
+            targets, to_save = list(plan.layers), list(plan.saved_modules)
         else:
             targets = find_target_modules(self.model, config)
             to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
-        embeddings = [n for n in targets if isinstance(inner_module(modules[n]), nn.Embedding)]
-        if embeddings and is_weight_init(config.init_lora_weights):  # PEFT has no embedding version either
-            raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} takes A and B from a linear weight; "
-                              f"leave embedding layers ({embeddings[0]}) out of target_modules.")
-        fresh = {n: _new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
+        method.check_targets(modules, targets, config)
+        fresh = {n: method.new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
         for name in targets:  # from here on nothing raises on a config error
             layer = fresh[name] if name in fresh else modules[name]
-            layer.update_layer(
-                adapter_name,
-                r=config.rank_for(name),
-                lora_alpha=config.alpha_for(name),
-                lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights,
-                use_rslora=config.use_rslora,
-                weights=plan.lora[name] if plan else None,
-                use_dora=config.use_dora,
-            )
+            method.add_adapter(layer, adapter_name, config, name, plan.layers[name] if plan else None)
             if name in fresh:
                 self._replace(name, layer)
         for name in to_save:
@@ -109,7 +96,7 @@ class LoraModel(nn.Module):
         """
         for name, module in list(named_candidates(self.model)):
             if isinstance(module, AdapterLayer):
-                if not keep_trained_copies and isinstance(module, LoraLinear):
+                if not keep_trained_copies:
                     module.restore_base()  # PiSSA/OLoRA moved part of W into the adapter
                 self._replace(name, module.base_layer)
             elif isinstance(module, ModulesToSaveWrapper):
@@ -119,18 +106,3 @@ class LoraModel(nn.Module):
     def _replace(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, new)
-
-
-def _new_layer(module: nn.Module, config: LoraConfig) -> AdapterLayer:
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    _, _, stored_transposed = linear_features(module)
-    if stored_transposed != config.fan_in_fan_out:
-        warnings.warn(
-            f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__}; using "
-            f"fan_in_fan_out={stored_transposed} for it (as PEFT does).",
-            stacklevel=3,
-        )
-        if stored_transposed:  # PEFT records this in the config, so saved GPT-2 adapters say True
-            config.fan_in_fan_out = True
-    return LoraLinear(module, fan_in_fan_out=stored_transposed)

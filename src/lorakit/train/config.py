@@ -31,8 +31,8 @@ from typing import Any
 
 import yaml
 
-from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError, DataError, closest
+from lorakit.methods.lora.config import LoraConfig
 from lorakit.models import DEFAULT_MODEL, is_builtin_model
 from lorakit.optim import OPTIMIZERS
 

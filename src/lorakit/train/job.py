@@ -30,10 +30,11 @@ from transformers import TrainingArguments, set_seed
 from lorakit.compile import compile_blocks
 from lorakit.errors import ConfigError, TrainingInterrupted
 from lorakit.io import write_text_atomic
-from lorakit.layers.init import is_weight_init
+from lorakit.methods.lora.init import is_weight_init
+from lorakit.methods.lora.loraplus import create_loraplus_optimizer
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.models import load_base, load_tokenizer
-from lorakit.optim import create_loraplus_optimizer, make_optimizer, optimizer_class
+from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import JobConfig, load_job_config

@@ -19,7 +19,6 @@ PEFT's, so state dicts and adapter files map one to one.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 
@@ -27,22 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.base_layers import conv1d_type, linear_features
 from lorakit.batching import Routing
 from lorakit.errors import ConfigError
-from lorakit.layers.base import AdapterLayer, is_quantized_weight
-from lorakit.layers.dora import DoraMagnitude, DoraMerging, row_norm
-from lorakit.layers.init import is_weight_init, weight_init_factors
-from lorakit.layers.lora_fn import LoraLinearFunction, log_fallback_once
+from lorakit.methods.base_layer import AdapterLayer, is_quantized_weight
+from lorakit.methods.lora.dora import DoraMagnitude, DoraMerging, row_norm
+from lorakit.methods.lora.fused import LoraLinearFunction, log_fallback_once
+from lorakit.methods.lora.init import is_weight_init, weight_init_factors
 from lorakit.quant import float_weight, keep_training_layout, requantize_like
-
-
-@functools.cache
-def conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is a dependency, but the layer itself does not need it
-        return None
-    return Conv1D
 
 
 def adapter_parameter(tensor: torch.Tensor, device: torch.device) -> nn.Parameter:
@@ -62,15 +53,8 @@ def linear_around(weight: nn.Parameter) -> nn.Linear:
     return layer
 
 
-def linear_features(base: nn.Module) -> tuple[int, int, bool]:
-    """(in_features, out_features, fan_in_fan_out) of a linear-like base layer."""
-    conv1d = conv1d_type()
-    if conv1d is not None and isinstance(base, conv1d):
-        return base.nx, base.nf, True  # GPT-2's Conv1D stores its weight as (in, out)
-    return base.in_features, base.out_features, False
-
-
 class LoraLinear(DoraMerging, AdapterLayer):
+    peft_type = "LORA"
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.in_features, self.out_features, self.base_transposed = linear_features(base_layer)
@@ -272,6 +256,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
 
 
 class LoraEmbedding(DoraMerging, AdapterLayer):
+    peft_type = "LORA"
     dora_transposed = True  # E is (num_embeddings, dim): the output features are its columns
 
     def __init__(self, base_layer: nn.Embedding):

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 
 from lorakit.errors import AdapterNameError, ConfigError
-from lorakit.layers.base import AdapterLayer
-from lorakit.layers.lora import LoraEmbedding
+from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.lora.layer import LoraEmbedding
 from lorakit.targets import named_candidates
 
 COMBINATIONS = ("linear", "cat", "svd")

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from conftest import VOCAB, inputs_for, output_of, tiny_gpt2, tiny_llama
-from lorakit.layers import LoraEmbedding, LoraLinear
+from lorakit.methods.lora.layer import LoraEmbedding, LoraLinear
 
 ATOL = 1e-5
 

@@ -22,7 +22,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError, closest
 
@@ -81,6 +81,14 @@ def _reject_unknown_fields(cls):
 @dataclass
 class LoraConfig:
     """What to adapt and how. See the module docstring for the maths."""
+
+    peft_type: ClassVar[str] = PEFT_TYPE  # which method reads this config (methods/registry.py)
+    # The fields that change the adapter's numbers: their digest is saved with the weights (io.py).
+    digest_fields: ClassVar[tuple[str, ...]] = (
+        "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
+        "layers_pattern", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "bias", "modules_to_save", "use_dora",
+        "lora_bias",
+    )
 
     r: int = 8  # rank of A and B
     lora_alpha: float = 8  # scaling numerator: s = lora_alpha / r (or / sqrt(r) with use_rslora)
@@ -228,7 +236,9 @@ class LoraConfig:
             if strict:
                 raise ConfigError(f"Unknown key {key!r} in a config lorakit wrote (edited or corrupted?)."
                                   f"{closest(key, known, _SYNONYMS)}")
-            if value in (_PEFT_KEYS_WHEN_OFF.get(key), None, False, "", {}, []):
+            if key in _PEFT_KEYS_WHEN_OFF and value in (_PEFT_KEYS_WHEN_OFF[key], None, False, {}, []):
+                continue  # a PEFT feature we know, switched off: nothing to say
+            if value in (None, False, "", {}, []):
                 ignored.append(f"{key}={value!r}")
             elif key in _PEFT_KEYS_WHEN_OFF:
                 raise ConfigError(f"The adapter uses PEFT's {key}={value!r}, which lorakit does not support."

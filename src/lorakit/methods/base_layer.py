@@ -37,6 +37,8 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
 class AdapterLayer(nn.Module):
     """Base of every adapted layer; holds per-adapter scalars and the merge/route logic."""
 
+    peft_type: str  # which method (methods/registry.py) this layer belongs to, e.g. "LORA"
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
@@ -80,6 +82,9 @@ class AdapterLayer(nn.Module):
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The same output as the plain path in one autograd op, or None where none applies."""
         return None
+
+    def restore_base(self, names: Iterable[str] | None = None) -> None:
+        """Give back to the base weight what adapters took out of it at init (PiSSA/OLoRA); most take nothing."""
 
     def withheld_adapters(self) -> Sequence[str]:
         """Adapters that took part of the base weight into themselves (PiSSA/OLoRA): the base

@@ -1,0 +1,49 @@
+"""`AdapterMethod`: what one adapter method provides, so that shared code never names its classes.
+
+torchtune's idea (an adapter says which of its parameters are adapter parameters; no base
+class to inherit) applied to PEFT's layout (one folder per method). Files, the tuner,
+`inspect`, the footprint and optimizer groups ask a method through this protocol; the
+method's folder owns its config class, its layers, its PEFT tensor names and shapes, its
+initialisation and its merge maths (the layers implement `AdapterLayer`'s hooks).
+
+A method is registered in `registry.py` by its PEFT type (adapter_config.json's `peft_type`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lorakit.methods.base_layer import AdapterLayer
+
+
+class AdapterMethod(Protocol):
+    peft_type: str  # adapter_config.json's "peft_type", e.g. "LORA"
+    config_class: type  # e.g. LoraConfig; its from_dict reads adapter_config.json
+    param_marker: str  # in every adapter parameter's name (e.g. "lora_"), never in a base parameter's
+
+    def check_targets(self, modules: dict[str, nn.Module], targets: list[str], config: Any) -> None:
+        """Raise a ConfigError before anything changes if `config` cannot adapt these target modules."""
+
+    def new_layer(self, module: nn.Module, config: Any) -> AdapterLayer:
+        """Wrap one target module (holding no adapter yet)."""
+
+    def add_adapter(self, layer: AdapterLayer, name: str, config: Any, module_name: str,
+                    tensors: dict[str, torch.Tensor] | None) -> None:
+        """Add adapter `name` to a wrapped layer: initialised, or from a file's checked `tensors`
+        (keyed by the suffixes of `expected_tensors`)."""
+
+    def expected_tensors(self, module: nn.Module, config: Any, module_name: str) -> dict[str, tuple[int, ...]]:
+        """PEFT's file tensors for one target module: name suffix after the module path → shape."""
+
+    def tensors_of(self, layer: AdapterLayer, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s live tensors in `layer`, under the suffixes of `expected_tensors`."""
+
+    def mismatch_hint(self, found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                      config: Any, module_name: str) -> str | None:
+        """A clearer message than "wrong shape" for a file whose tensors do not fit, if there is one."""
+
+    def summarize(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """For `lorakit inspect`: {"target_modules": [...], "ranks": {rank: count}} of a file's tensors."""
