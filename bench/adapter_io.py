@@ -24,8 +24,8 @@ import torch
 
 import lorakit
 from harness import emit, time_interleaved
-from lorakit.fingerprint import base_fingerprint
-from lorakit.models import load_model
+from lorakit.base_models import load_model
+from lorakit.files.fingerprint import base_fingerprint
 
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
 

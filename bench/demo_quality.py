@@ -34,7 +34,7 @@ def run_side(side: str, steps: int, variant: str = "lora") -> dict:
 
     from transformers import Trainer, set_seed
 
-    from lorakit.models import load_tokenizer
+    from lorakit.base_models import load_tokenizer
     from lorakit.optim import make_optimizer
     from lorakit.train.config import load_job_config
     from lorakit.train.data import Collator
@@ -55,7 +55,7 @@ def run_side(side: str, steps: int, variant: str = "lora") -> dict:
     else:
         import peft
 
-        from lorakit.models import load_base
+        from lorakit.base_models import load_base
 
         base = load_base(config.model)
         base.config.use_cache = False

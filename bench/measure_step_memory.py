@@ -17,7 +17,7 @@ import warnings
 import torch
 
 import lorakit
-from lorakit.models import load_base
+from lorakit.base_models import load_base
 from lorakit.quant import prepare_model_for_kbit_training
 
 

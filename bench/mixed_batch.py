@@ -20,8 +20,8 @@ import torch
 
 import lorakit
 from harness import emit, time_interleaved
-from lorakit.batching import Routing, adapter_routing
-from lorakit.models import load_model
+from lorakit.base_models import load_model
+from lorakit.routing import Routing, adapter_routing
 
 RANKS = (8, 16, 32)
 

@@ -32,13 +32,13 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 
 def load_base(side: str, quantize: str | None = None):
     """Ours through lorakit.load_base; the peer as a PEFT user loads it: plain transformers."""
-    from lorakit.models import load_base as load
+    from lorakit.base_models import load_base as load
 
     if side == "lorakit" or quantize is None:
         return load(quantize=quantize)
     from transformers import AutoModelForCausalLM
 
-    from lorakit.models import resolve_model_path
+    from lorakit.base_models import resolve_model_path
     from lorakit.quant import bnb_config
 
     return AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"),

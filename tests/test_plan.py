@@ -43,7 +43,7 @@ def test_fifty_tenants():
 
 
 def test_adapter_size_of_smollm2_equals_the_wrapped_model_count():
-    from lorakit.models import resolve_model_path
+    from lorakit.base_models import resolve_model_path
 
     shape = Shape.from_model_dir(resolve_model_path("smollm2-135m-instruct"))
     assert shape.lora_params(16) == 4_884_480  # what print_trainable_parameters reports (and PEFT)
@@ -91,7 +91,7 @@ def test_plan_matches_measured_peak_memory_of_real_steps(method, batch, seq, ckp
     AdamW) in its own process and reads the kernel's peak RSS (VmHWM), reset after loading so a
     loading spike does not count. The plan gets that process's own RSS after `import torch` as
     its runtime, fp32 sizes (the CPU trains in fp32), and the model's shape from its config."""
-    from lorakit.models import resolve_model_path
+    from lorakit.base_models import resolve_model_path
 
     run = measured("--method", method, "--batch", str(batch), "--seq", str(seq), *(["--grad-ckpt"] if ckpt else []))
     shape = Shape.from_model_dir(resolve_model_path("smollm2-135m-instruct"))

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import lorakit
 from conftest import dequantized_copy, inputs_for, output_of, small_llama
+from lorakit.base_models import load_base
 from lorakit.cli import app
 from lorakit.errors import MergeError
-from lorakit.models import load_base
 from lorakit.quant import float_weight, footprint, prepare_model_for_kbit_training, quant_kind
 
 # bitsandbytes' CPU 4-bit matmul dequantizes and multiplies in the compute dtype (fp32): tight.
@@ -173,7 +173,7 @@ def test_merge_command_errors(base_dir, tmp_path):
 def test_qlora_on_smollm2_trains_and_the_adapter_moves_to_the_full_precision_base(tmp_path):
     """The real default model in NF4: a few steps lower the loss; the adapter then loads onto
     the fp32 base (the fingerprints match) and what it learned carries over there."""
-    from lorakit.models import load_tokenizer
+    from lorakit.base_models import load_tokenizer
 
     tokenizer = load_tokenizer()
     model = prepare_model_for_kbit_training(load_base(quantize="nf4"))

@@ -13,8 +13,8 @@ from rich.markup import escape
 from rich.table import Table
 
 import lorakit
+from lorakit.base_models import DEFAULT_MODEL
 from lorakit.errors import LorakitError, TrainingInterrupted
-from lorakit.models import DEFAULT_MODEL
 
 app = typer.Typer(
     name="lorakit",
@@ -43,7 +43,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what an adapter holds: config, base and fingerprint, targets, ranks, size, tensor stats."""
-    from lorakit.describe import describe, to_json
+    from lorakit.files.inspect import describe, to_json
 
     info = _or_exit(describe, directory)
     if as_json:
@@ -81,7 +81,7 @@ def convert(
     """Convert a pickled adapter (adapter_model.bin) to safetensors, once, if you trust it."""
     if not allow_pickle:
         raise typer.BadParameter("pass --allow-pickle to confirm you trust this file (it is read with weights_only=True)")
-    from lorakit.describe import convert_pickle
+    from lorakit.files.convert import convert_pickle
 
     written = _or_exit(convert_pickle, directory)
     typer.echo(f"wrote {written}")
@@ -109,7 +109,7 @@ def merge(
     overwrite: bool = typer.Option(False, help="Replace an existing model directory at --out."),
 ) -> None:
     """Merge an adapter into a full-precision base and save a standard model (optionally requantized)."""
-    from lorakit.merging import merge_to_dir
+    from lorakit.files.merge_to_dir import merge_to_dir
 
     info = _or_exit(merge_to_dir, base, adapter, out, dtype, requantize, verify_base, overwrite)
     typer.echo(f"merged {adapter} into {base}: {info['parameters']:,} parameters, {dtype}"
@@ -136,7 +136,7 @@ def plan(
 ) -> None:
     """Plan memory: weights, gradients, optimizer, master copy, activations, adapters; and tenants."""
     from lorakit import plan as planner
-    from lorakit.models import resolve_model_path
+    from lorakit.base_models import resolve_model_path
 
     def build():
         if model:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.io import AdapterFiles, read_adapter
+from lorakit.files.format import AdapterFiles, read_adapter
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.targets import SEQ_CLS_HEADS
 

@@ -21,16 +21,16 @@ import torch
 from torch import nn
 
 from lorakit import __version__
-from lorakit.adapter_state import LoadPlan, adapter_tensors, apply_biases, plan_load
-from lorakit.batching import BASE_ADAPTER, adapter_routing
 from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, RoutingError
-from lorakit.fingerprint import base_fingerprint, verify_base_fingerprint
+from lorakit.files.fingerprint import base_fingerprint, verify_base_fingerprint
+from lorakit.files.format import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
+from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases, plan_load
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
-from lorakit.io import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
 from lorakit.loading import LoadOptions, name_or_path, resolve_config
 from lorakit.methods.lora.blend import add_weighted_adapter
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.init import convert_weight_init
+from lorakit.routing import BASE_ADAPTER, adapter_routing
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
 from lorakit.tuner import LoraModel
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit.adapter_state import LoadPlan
+from lorakit.files.tensors import LoadPlan
 from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper

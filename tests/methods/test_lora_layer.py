@@ -35,7 +35,7 @@ def test_linear_equals_the_formula():
 
 def test_conv1d_delta_is_stored_transposed():
     torch.manual_seed(0)
-    layer = _random_adapter(LoraLinear(Conv1D(5, 8), fan_in_fan_out=True))  # Conv1D(nf=out, nx=in)
+    layer = _random_adapter(LoraLinear(Conv1D(5, 8)))  # Conv1D(nf=out, nx=in)
     x = torch.randn(2, 3, 8)
     merged_out = x @ (layer.base_layer.weight + layer.delta_weight("a")) + layer.base_layer.bias
     torch.testing.assert_close(layer(x), merged_out, atol=ATOL, rtol=0)

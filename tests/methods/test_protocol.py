@@ -12,7 +12,13 @@ import pytest
 import lorakit
 from conftest import tiny_llama
 from lorakit.errors import ConfigError
-from lorakit.methods.registry import config_from_dict, is_adapter_parameter, method_for, method_of, method_of_layer
+from lorakit.methods.registry import (
+    config_from_dict,
+    is_adapter_parameter,
+    method_for,
+    method_of,
+    method_of_layer,
+)
 from lorakit.targets import named_candidates
 
 SRC = Path(lorakit.__file__).parent

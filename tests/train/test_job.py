@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from chat_model import job_yaml
 from lorakit.cli import app
-from lorakit.io import read_adapter
+from lorakit.files.format import read_adapter
 from lorakit.train.trainer import COMPLETE_MARK
 
 runner = CliRunner()

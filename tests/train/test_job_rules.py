@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 import lorakit
 from chat_model import job_yaml, records, write_jsonl
+from lorakit.base_models import load_base, load_tokenizer
 from lorakit.cli import app
 from lorakit.errors import ConfigError
-from lorakit.io import read_adapter
-from lorakit.models import load_base, load_tokenizer
+from lorakit.files.format import read_adapter
 from lorakit.train.config import load_job_config
 from lorakit.train.data import load_dataset
 from lorakit.train.evaluate import score

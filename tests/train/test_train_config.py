@@ -7,9 +7,9 @@ import yaml
 from typer.testing import CliRunner
 
 from chat_model import job_yaml, records, write_jsonl
+from lorakit.base_models import load_tokenizer
 from lorakit.cli import app
 from lorakit.errors import ConfigError, DataError
-from lorakit.models import load_tokenizer
 from lorakit.train.config import load_job_config
 from lorakit.train.job import build_data
 

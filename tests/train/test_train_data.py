@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from chat_model import FACTS, records, write_jsonl
+from lorakit.base_models import load_base, load_tokenizer
 from lorakit.errors import DataError
-from lorakit.models import load_base, load_tokenizer
 from lorakit.train.data import (
     IGNORE_INDEX,
     Collator,

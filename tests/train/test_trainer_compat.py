@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from chat_model import records
-from lorakit.models import load_base, load_tokenizer
+from lorakit.base_models import load_base, load_tokenizer
 from lorakit.train.data import encode_record
 
 

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.batching import Routing, current_routing
 from lorakit.errors import AdapterStateError, MergeError, RoutingError
 from lorakit.quant import float_weight, keep_training_layout, quant_kind, requantize_like
+from lorakit.routing import Routing, current_routing
 
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:

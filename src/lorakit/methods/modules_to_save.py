@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.batching import current_routing
+from lorakit.routing import current_routing
 
 
 class ModulesToSaveWrapper(nn.Module):

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from transformers import TrainerCallback
 
-from lorakit.io import write_text_atomic
+from lorakit.files.format import write_text_atomic
 
 
 class Throughput:

@@ -31,9 +31,9 @@ from typing import Any
 
 import yaml
 
+from lorakit.base_models import DEFAULT_MODEL, is_builtin_model
 from lorakit.errors import ConfigError, DataError, closest
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.models import DEFAULT_MODEL, is_builtin_model
 from lorakit.optim import OPTIMIZERS
 
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "text")

@@ -27,13 +27,13 @@ import torch
 from rich.console import Console
 from transformers import TrainingArguments, set_seed
 
+from lorakit.base_models import load_base, load_tokenizer
 from lorakit.compile import compile_blocks
 from lorakit.errors import ConfigError, TrainingInterrupted
-from lorakit.io import write_text_atomic
+from lorakit.files.format import write_text_atomic
 from lorakit.methods.lora.init import is_weight_init
 from lorakit.methods.lora.loraplus import create_loraplus_optimizer
 from lorakit.model import PeftModel, get_peft_model
-from lorakit.models import load_base, load_tokenizer
 from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics

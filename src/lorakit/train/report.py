@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lorakit.io import atomic_path, write_text_atomic
+from lorakit.files.format import atomic_path, write_text_atomic
 
 METRIC_ROWS = (("loss", "eval loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
                ("exact_match", "exact match", "{:.0%}"), ("contains_match", "contains match", "{:.0%}"))

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from lorakit.adapter_state import adapter_tensors
 from lorakit.errors import AdapterWeightsError, ConfigError
-from lorakit.io import adapter_dir, read_adapter, write_text_atomic
+from lorakit.files.format import adapter_dir, read_adapter, write_text_atomic
+from lorakit.files.tensors import adapter_tensors
 
 COMPLETE_MARK = "lorakit-checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

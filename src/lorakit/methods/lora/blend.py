@@ -104,7 +104,7 @@ def _blend(layer: AdapterLayer, adapters, weights, combination_type: str, new_ra
             b = b + math.sqrt(abs(ws)) * _factors(layer, n)[1]
         return a, b
     delta = sum(w * layer.delta_weight(n) for n, w in present)  # in the base weight's layout
-    if isinstance(layer, LoraEmbedding) or getattr(layer, "fan_in_fan_out", False):
+    if layer.weight_transposed:
         delta = delta.T  # back to (out, in) = B @ A's layout
     u, s, vh = torch.linalg.svd(delta, full_matrices=True)
     return vh[:new_rank, :], u[:, :new_rank] @ torch.diag(s[:new_rank])

@@ -46,20 +46,20 @@ def per_output(factor: torch.Tensor, transposed: bool) -> torch.Tensor:
 class DoraMerging:
     """`merged_weight` / `unmerged_weight` for a layer that may hold DoRA adapters (a mixin,
     listed before AdapterLayer). The layer provides `lora_magnitude_vector`, `dora_norms`,
-    `delta_weight(name)` and `dora_transposed` (True when its weight is stored (in, out):
+    `delta_weight(name)` and `weight_transposed` (True when its weight is stored (in, out):
     GPT-2's Conv1D, and an embedding, whose output features are its columns)."""
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
             return super().merged_weight(name, weight)
         combined = weight + self.delta_weight(name).to(weight.dtype)
-        norm = row_norm(combined.float(), self.dora_transposed)
+        norm = row_norm(combined.float(), self.weight_transposed)
         self.dora_norms[name] = norm
         factor = self.lora_magnitude_vector[name].weight.detach() / norm
-        return (combined * per_output(factor, self.dora_transposed)).to(weight.dtype)
+        return (combined * per_output(factor, self.weight_transposed)).to(weight.dtype)
 
     def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if name not in self.lora_magnitude_vector:
             return super().unmerged_weight(name, weight)
         factor = self.lora_magnitude_vector[name].weight.detach() / self.dora_norms.pop(name)
-        return (weight / per_output(factor, self.dora_transposed) - self.delta_weight(name)).to(weight.dtype)
+        return (weight / per_output(factor, self.weight_transposed) - self.delta_weight(name)).to(weight.dtype)

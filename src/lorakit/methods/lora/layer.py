@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.base_layers import conv1d_type, linear_features
-from lorakit.batching import Routing
 from lorakit.errors import ConfigError
 from lorakit.methods.base_layer import AdapterLayer, is_quantized_weight
 from lorakit.methods.lora.dora import DoraMagnitude, DoraMerging, row_norm
 from lorakit.methods.lora.fused import LoraLinearFunction, log_fallback_once
 from lorakit.methods.lora.init import is_weight_init, weight_init_factors
 from lorakit.quant import float_weight, keep_training_layout, requantize_like
+from lorakit.routing import Routing
 
 
 def adapter_parameter(tensor: torch.Tensor, device: torch.device) -> nn.Parameter:
@@ -55,11 +55,12 @@ def linear_around(weight: nn.Parameter) -> nn.Linear:
 
 class LoraLinear(DoraMerging, AdapterLayer):
     peft_type = "LORA"
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+
+    def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.in_features, self.out_features, self.base_transposed = linear_features(base_layer)
-        self.fusable_base = type(base_layer) in (nn.Linear, conv1d_type())  # float layers lora_fn.py handles
-        self.fan_in_fan_out = fan_in_fan_out
+        # weight_transposed: GPT-2's Conv1D stores (in, out) — PEFT's fan_in_fan_out, DoRA's column norms
+        self.in_features, self.out_features, self.weight_transposed = linear_features(base_layer)
+        self.fusable_base = type(base_layer) in (nn.Linear, conv1d_type())  # float layers fused.py handles
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -138,7 +139,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
     def set_base_weight(self, weight_out_in: torch.Tensor) -> None:
         """Write a float (out, in) weight into the base layer, in its layout, dtype or quantization."""
         old = self.base_layer.weight
-        target = weight_out_in.t() if self.base_transposed else weight_out_in
+        target = weight_out_in.t() if self.weight_transposed else weight_out_in
         if is_quantized_weight(old):
             self.base_layer.weight = requantize_like(old, target)
         else:
@@ -161,7 +162,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as float (out, in), dequantized if needed."""
         weight = float_weight(self.base_layer)
-        return weight.t() if self.base_transposed else weight
+        return weight.t() if self.weight_transposed else weight
 
     def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W + s·BA‖ per output feature, without gradient (`weight`: W as (out, in), if at hand)."""
@@ -184,10 +185,6 @@ class LoraLinear(DoraMerging, AdapterLayer):
         lora = self.lora_B[name](self.lora_A[name](x))
         return (scale - 1) * base + scale * lora * scaling
 
-    @property
-    def dora_transposed(self) -> bool:
-        return self.base_transposed
-
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One `LoraLinearFunction` (lora_fn.py) for the common case: a single unmerged active
         adapter on a frozen float nn.Linear / Conv1D whose dtype matches the input and adapter."""
@@ -204,13 +201,13 @@ class LoraLinear(DoraMerging, AdapterLayer):
         if lora_a.dtype != lora_b.dtype or (x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type)):
             log_fallback_once(f"input {x.dtype}, base weight {weight.dtype}, adapter A {lora_a.dtype} / B {lora_b.dtype}")
             return None
-        if self.base_transposed:  # Conv1D keeps (in, out)
+        if self.weight_transposed:  # Conv1D keeps (in, out)
             weight = weight.t()
         return LoraLinearFunction.apply(x, self.lora_dropout[name](x), weight, bias, lora_a, lora_b, self.scaling[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self.lora_B[name].weight @ self.lora_A[name].weight  # (out, r) @ (r, in)
-        return (delta.T if self.fan_in_fan_out else delta) * self.scaling[name]
+        return (delta.T if self.weight_transposed else delta) * self.scaling[name]
 
     # -- mixed batches: one batched GEMM per rank bucket ------------------------------------------
     # With many adapters and few tokens per adapter (decode: one token per row), a GEMM pair per
@@ -257,7 +254,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
 
 class LoraEmbedding(DoraMerging, AdapterLayer):
     peft_type = "LORA"
-    dora_transposed = True  # E is (num_embeddings, dim): the output features are its columns
+    weight_transposed = True  # E is (num_embeddings, dim): the output features are its columns
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)

@@ -40,16 +40,16 @@ class LoraMethod:
     def new_layer(self, module: nn.Module, config: LoraConfig) -> AdapterLayer:
         if isinstance(module, nn.Embedding):
             return LoraEmbedding(module)
-        _, _, stored_transposed = linear_features(module)
-        if stored_transposed != config.fan_in_fan_out:
+        layer = LoraLinear(module)
+        if layer.weight_transposed != config.fan_in_fan_out:
             warnings.warn(
                 f"fan_in_fan_out={config.fan_in_fan_out} does not fit {type(module).__name__}; using "
-                f"fan_in_fan_out={stored_transposed} for it (as PEFT does).",
+                f"fan_in_fan_out={layer.weight_transposed} for it (as PEFT does).",
                 stacklevel=4,
             )
-            if stored_transposed:  # PEFT records this in the config, so saved GPT-2 adapters say True
+            if layer.weight_transposed:  # PEFT records this in the config, so saved GPT-2 adapters say True
                 config.fan_in_fan_out = True
-        return LoraLinear(module, fan_in_fan_out=stored_transposed)
+        return layer
 
     def add_adapter(self, layer: AdapterLayer, name: str, config: LoraConfig, module_name: str,
                     tensors: dict[str, torch.Tensor] | None) -> None:

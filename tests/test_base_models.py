@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.models import DEFAULT_MODEL, ModelNotFoundError, load_model, resolve_model_path
+from lorakit.base_models import DEFAULT_MODEL, ModelNotFoundError, load_model, resolve_model_path
 
 
 def test_unknown_model_name_says_what_is_accepted(tmp_path):
@@ -63,7 +63,7 @@ def test_smollm2_parity_with_peft(smollm2, capsys):
 
 
 def test_the_public_id_of_a_builtin_model_names_the_same_model():
-    from lorakit.models import builtin_alias
+    from lorakit.base_models import builtin_alias
 
     assert builtin_alias("HuggingFaceTB/SmolLM2-135M-Instruct") == DEFAULT_MODEL == builtin_alias(DEFAULT_MODEL)
     assert builtin_alias("HuggingFaceTB/other") is None

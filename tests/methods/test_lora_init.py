@@ -12,8 +12,8 @@ import torch
 
 import lorakit
 from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
+from lorakit.base_models import load_base
 from lorakit.errors import ConfigError
-from lorakit.models import load_base
 
 ATOL = 1e-5
 INITS = ["pissa", "pissa_niter_4", "olora"]

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterConfigError, AdapterWeightsError, ConfigError
-from lorakit.fingerprint import base_modules
+from lorakit.files.fingerprint import base_modules
 from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 import lorakit
 from conftest import tiny_llama
 from lorakit.errors import AdapterError
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.files.format import CONFIG_NAME, WEIGHTS_NAME
 
 RNG_SEED = 1234
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from lorakit.base_models import check_replaceable, load_base, load_tokenizer, write_model_dir
 from lorakit.errors import MergeError
 from lorakit.model import PeftModel
-from lorakit.models import check_replaceable, load_base, load_tokenizer, write_model_dir
 from lorakit.quant import QUANTIZE_CHOICES, is_quantized
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -14,8 +14,8 @@ import torch
 
 import lorakit
 from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
-from lorakit.batching import Routing, adapter_routing
 from lorakit.methods import AdapterLayer
+from lorakit.routing import Routing, adapter_routing
 
 ATOL = 1e-5
 

@@ -23,7 +23,7 @@ from lorakit.errors import (
     AdapterWeightsError,
     PickleRefusedError,
 )
-from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.files.format import CONFIG_NAME, WEIGHTS_NAME
 
 CASES = {
     "llama-embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
@@ -258,7 +258,7 @@ def test_interrupted_save_leaves_the_previous_adapter_intact(saved, monkeypatch,
         raise KeyboardInterrupt("killed mid-write")
 
     if fail_at == "weights":
-        monkeypatch.setattr("lorakit.io.save_file", lambda tensors, path, **kwargs: half_write_then_die(path))
+        monkeypatch.setattr("lorakit.files.format.save_file", lambda tensors, path, **kwargs: half_write_then_die(path))
     else:
         monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: half_write_then_die(self))
     with pytest.raises(KeyboardInterrupt):

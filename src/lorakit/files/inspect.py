@@ -6,12 +6,14 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from lorakit.adapter_state import PREFIX
-from lorakit.errors import AdapterWeightsError
-from lorakit.fingerprint import short_id
-from lorakit.io import CHECKSUM_KEY, CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_config, write_adapter
+from lorakit.files.fingerprint import short_id
+from lorakit.files.format import (
+    CHECKSUM_KEY,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    read_adapter,
+)
+from lorakit.files.tensors import PREFIX
 from lorakit.methods.registry import method_of
 
 
@@ -45,18 +47,6 @@ def describe(directory: str | os.PathLike) -> dict:
         "other_adapters": sorted(p.name for p in root.iterdir() if (p / CONFIG_NAME).is_file()),
         "tensors": stats,
     }
-
-
-def convert_pickle(directory: str | os.PathLike) -> Path:
-    """adapter_model.bin -> adapter_model.safetensors, with torch.load(weights_only=True) (no code runs)."""
-    root = Path(directory)
-    source = root / "adapter_model.bin"
-    state = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise AdapterWeightsError(f"{source} does not hold a flat dict of tensors; it is not an adapter.")
-    config = read_config(root / CONFIG_NAME)
-    write_adapter(root, config, state, {"lorakit.converted_from": "adapter_model.bin"})
-    return root / WEIGHTS_NAME
 
 
 def to_json(info: dict) -> str:

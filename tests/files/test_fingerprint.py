@@ -15,7 +15,7 @@ import lorakit
 from conftest import tiny_llama
 from lorakit import PeftModel
 from lorakit.errors import AdapterBaseMismatch
-from lorakit.fingerprint import base_fingerprint, compare
+from lorakit.files.fingerprint import base_fingerprint, compare
 
 
 def quantized(model: nn.Module, kind: str = "nf4") -> nn.Module:
@@ -122,7 +122,7 @@ def test_fingerprint_survives_merge_and_peft_adapters_warn_once(base, tmp_path):
     model.save_pretrained(tmp_path / "merged")
     PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "merged")
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path / "p")
-    import lorakit.fingerprint as fp
+    import lorakit.files.fingerprint as fp
 
     fp._warned_unfingerprinted = False
     with warnings.catch_warnings(record=True) as seen:

@@ -11,8 +11,8 @@ import torch
 
 import lorakit
 from conftest import dequantized_copy, inputs_for, output_of, small_llama, tiny_gpt2, tiny_llama, twin
+from lorakit.base_models import load_base
 from lorakit.errors import ConfigError
-from lorakit.models import load_base
 
 ATOL = 1e-5
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -1,0 +1,3 @@
+"""Adapter files: the format on disk (format.py), one adapter's tensors under PEFT's names
+(tensors.py), which base they belong to (fingerprint.py), what `lorakit inspect` shows
+(inspect.py) and `lorakit merge` (merge_to_dir.py). Methods are asked through their protocol."""
