@@ -104,8 +104,8 @@ def test_quantized_base_wraps_trains_and_refuses_merge_without_changing_anything
     model = lorakit.get_peft_model(net, lorakit.LoraConfig(target_modules=["0", "1"], init_lora_weights=False))
     x = torch.randn(2, 16)
     first, second = model.base_model.model
-    hidden = first.base_layer(x) + first.lora_output(x, "default")
-    expected = second.base_layer(hidden) + second.lora_output(hidden, "default")
+    hidden = first.base_layer(x) + first.adapter_output(x, "default")
+    expected = second.base_layer(hidden) + second.adapter_output(hidden, "default")
     torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
     model(x).sum().backward()
     assert second.lora_A["default"].weight.grad is not None

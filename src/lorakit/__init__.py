@@ -4,7 +4,9 @@ __version__ = "0.1.0"  # first: modules below read it
 
 from lorakit import errors  # noqa: E402
 from lorakit.base_models import load_base  # noqa: E402
-from lorakit.methods.lora.config import LoraConfig, TaskType  # noqa: E402
+from lorakit.methods.config_fields import TaskType  # noqa: E402
+from lorakit.methods.ia3.config import IA3Config  # noqa: E402
+from lorakit.methods.lora.config import LoraConfig  # noqa: E402
 from lorakit.methods.lora.loraplus import create_loraplus_optimizer  # noqa: E402
 from lorakit.model import PeftModel, get_peft_model  # noqa: E402
 from lorakit.quant import footprint, prepare_model_for_kbit_training  # noqa: E402
@@ -13,6 +15,7 @@ from lorakit.tuner import LoraModel  # noqa: E402
 
 __all__ = [
     "BASE_ADAPTER",
+    "IA3Config",
     "LoraConfig",
     "LoraModel",
     "PeftModel",

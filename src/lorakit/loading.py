@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from torch import nn
 from lorakit.errors import ConfigError
 from lorakit.files.format import AdapterFiles, read_adapter
 from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.registry import METHODS, method_of
 from lorakit.targets import SEQ_CLS_HEADS
 
 
@@ -25,17 +27,21 @@ def name_or_path(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
-def resolve_config(model: nn.Module, peft_config: LoraConfig, model_task: str | None = None) -> LoraConfig:
+def resolve_config(model: nn.Module, peft_config: Any, model_task: str | None = None) -> Any:
     """A private copy of the config with what the model implies filled in.
 
     - base_model_name_or_path from the model's config, when not set;
     - PEFT's classification rule: in a SEQ_CLS model every adapter trains the head
       ("classifier"/"score") as a saved copy; PEFT also writes both names into files, so the
-      one the model does not have is dropped (as PEFT ignores it).
+      one the model does not have is dropped (as PEFT ignores it);
+    - what the method fills in from the model (its `prepare_config`).
     """
-    if not isinstance(peft_config, LoraConfig):
-        raise ConfigError(f"Expected a lorakit.LoraConfig, got {type(peft_config).__name__}.")
+    known = {method.config_class for method in METHODS.values()}
+    if type(peft_config) not in known:
+        raise ConfigError(f"Expected a lorakit adapter config ({', '.join(sorted(c.__name__ for c in known))}), "
+                          f"got {type(peft_config).__name__}.")
     config = copy.deepcopy(peft_config)
+    method_of(config).prepare_config(model, config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = name_or_path(model)
     present = [h for h in SEQ_CLS_HEADS if isinstance(getattr(model, h, None), nn.Module)]
@@ -59,7 +65,7 @@ class LoadOptions:
     """
 
     subfolder: str | None = None
-    config: LoraConfig | None = None
+    config: Any = None
     autocast_adapter_dtype: bool = True
     torch_device: str | torch.device | None = None
     low_cpu_mem_usage: bool = False
@@ -76,7 +82,5 @@ class LoadOptions:
         directory = Path(model_id) / self.subfolder if self.subfolder else model_id
         files = read_adapter(directory, verify_integrity=verify_integrity)
         config = copy.deepcopy(self.config if self.config is not None else files.config)
-        if not isinstance(config, LoraConfig):
-            raise ConfigError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}.")
         config.inference_mode = not is_trainable  # PEFT's rule: loaded adapters are frozen unless asked
         return files, config

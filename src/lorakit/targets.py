@@ -20,20 +20,9 @@ from torch import nn
 from lorakit.base_layers import conv1d_type
 from lorakit.errors import TargetModulesError
 from lorakit.methods.base_layer import AdapterLayer
-from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
 SEQ_CLS_HEADS = ("score", "classifier")
-
-# PEFT's defaults when target_modules is None (the architectures our users bring most).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"], "bloom": ["query_key_value"], "bert": ["query", "value"],
-    "roberta": ["query", "value"], "t5": ["q", "v"],
-}
-
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear (bitsandbytes' Linear4bit/Linear8bitLt subclass it) or GPT-2's Conv1D."""
@@ -62,7 +51,8 @@ def named_candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     return walk(model, "")
 
 
-def _matches(spec: list[str] | str, name: str) -> bool:
+def matches(spec: list[str] | str, name: str) -> bool:
+    """PEFT's rule: a list matches a name equal to or ending with ".<item>"; a string is a full-match regex."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return name in spec or any(name.endswith("." + key) for key in spec)
@@ -77,7 +67,7 @@ def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | Non
     return int(match.group("idx")) if match else None
 
 
-def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
+def _all_linear(model: nn.Module, config) -> list[str]:
     heads: set[int] = set()
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is not None:
@@ -91,21 +81,21 @@ def _all_linear(model: nn.Module, config: LoraConfig) -> list[str]:
     ]
 
 
-def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_target_modules(model: nn.Module, config) -> list[str]:
     """Full names of the modules `config` adapts; raises TargetModulesError if none or unadaptable."""
     spec = config.target_modules
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if model_type not in config.default_targets:
             raise TargetModulesError(
                 f"target_modules is not set and lorakit has no default for model type {model_type!r}. "
                 f"Set target_modules, e.g. 'all-linear' or some of: {adaptable_summary(model)}."
             )
-        spec = DEFAULT_TARGETS[model_type]
+        spec = config.default_targets[model_type]
     candidates = dict(named_candidates(model))
-    names = _all_linear(model, config) if spec == "all-linear" else [n for n in candidates if _matches(spec, n)]
+    names = _all_linear(model, config) if spec == "all-linear" else [n for n in candidates if matches(spec, n)]
     if config.exclude_modules:
-        names = [n for n in names if not _matches(config.exclude_modules, n)]
+        names = [n for n in names if not matches(config.exclude_modules, n)]
     if config.modules_to_save:
         names = [n for n in names if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", n) for m in config.modules_to_save)]
     if config.layers_to_transform is not None:

@@ -12,11 +12,12 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.errors import ConfigError
 from lorakit.files.tensors import LoadPlan
 from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
-from lorakit.methods.registry import method_of
+from lorakit.methods.registry import method_of, method_of_layer
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 
@@ -64,6 +65,10 @@ class LoraModel(nn.Module):
             targets = find_target_modules(self.model, config)
             to_save = find_modules_to_save(self.model, config.modules_to_save or [])
         modules = dict(named_candidates(self.model))
+        taken = [n for n in targets if isinstance(modules[n], AdapterLayer) and method_of_layer(modules[n]) is not method]
+        if taken:
+            raise ConfigError(f"{taken[0]} already holds {modules[taken[0]].peft_type} adapters; one module holds one "
+                              f"method's adapters. Leave it out of this {config.peft_type} adapter's target_modules.")
         method.check_targets(modules, targets, config)
         fresh = {n: method.new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
         for name in targets:  # from here on nothing raises on a config error

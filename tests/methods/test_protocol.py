@@ -22,14 +22,18 @@ from lorakit.methods.registry import (
 from lorakit.targets import named_candidates
 
 SRC = Path(lorakit.__file__).parent
-LORA_NAMES = re.compile(r"\b(LoraLinear|LoraEmbedding)\b|lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")
+# Each method's own names (layer classes, PEFT tensor names) and the folder they may appear in.
+OWN_NAMES = {
+    "methods/lora": re.compile(r"\b(LoraLinear|LoraEmbedding|LoraLayer)\b|lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b"),
+    "methods/ia3": re.compile(r"\bIA3Linear\b|\bia3_l\b"),
+}
 
 
-def test_lora_names_live_only_in_the_lora_folder():
-    outside = [f"{path.relative_to(SRC)}:{number}" for path in SRC.rglob("*.py")
-               if "methods/lora" not in path.as_posix()
+@pytest.mark.parametrize("folder", OWN_NAMES)
+def test_a_methods_names_live_only_in_its_folder(folder):
+    outside = [f"{path.relative_to(SRC)}:{number}" for path in SRC.rglob("*.py") if folder not in path.as_posix()
                for number, line in enumerate(path.read_text().splitlines(), start=1)
-               if LORA_NAMES.search(line) and not line.lstrip().startswith(("#", '"'))]
+               if OWN_NAMES[folder].search(line) and not line.lstrip().startswith(("#", '"'))]
     assert not outside, outside
 
 
@@ -37,7 +41,7 @@ def test_the_registry_dispatches_by_peft_type():
     config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
     assert method_of(config) is method_for("LORA")
     assert type(config_from_dict(config.to_dict())) is lorakit.LoraConfig
-    with pytest.raises(ConfigError, match=r"peft_type is 'NOPE'; lorakit reads \['LORA'\]"):
+    with pytest.raises(ConfigError, match=r"peft_type is 'NOPE'; lorakit reads \['IA3', 'LORA'\]"):
         method_for("NOPE")
     assert is_adapter_parameter("model.layers.0.q_proj.lora_A.default.weight")
     assert not is_adapter_parameter("model.layers.0.q_proj.base_layer.weight")

@@ -8,7 +8,7 @@ which are merged, and the three ways to run:
     y = base(x)                                              (adapters disabled)
     y[i] = base(x)[i] + Δ_{names[i]}(x[i])                   (per-row adapter choice)
 
-Subclasses supply the maths: `lora_output(x, name, result)` = Δ(x), `delta_weight(name)` =
+Subclasses (one per method) supply the maths: `adapter_output(x, name, result)` = Δ(x), `delta_weight(name)` =
 ΔW in the base weight's own layout, and `merged_weight` where a merge is not W + ΔW (DoRA).
 The base layer is only ever
 *called*; its `.weight` is read only to merge, and merging refuses quantized weights
@@ -17,7 +17,6 @@ The base layer is only ever
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -42,9 +41,6 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
         self.disable_adapters = False
@@ -62,7 +58,7 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)  # an Embedding has none
 
     # -- what a subclass provides ----------------------------------------------------
-    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         """Δ_name(x): the adapter's additive contribution to the output (`result`: the output so
         far, base included — DoRA rescales it, as PEFT does)."""
         raise NotImplementedError
@@ -103,15 +99,29 @@ class AdapterLayer(nn.Module):
         """The dicts keyed by adapter name that hold this layer's adapter modules/params."""
         raise NotImplementedError
 
+    def active_output(self, x: torch.Tensor, names: Sequence[str], *args, **kwargs) -> torch.Tensor:
+        """The output with adapters `names` applied: base(x) + Σ Δ_name(x) (stacking); a method whose
+        adapters compose otherwise (IA3 multiplies its scalings) overrides this."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
+            result = result + self.adapter_output(x, name, result).to(result.dtype)
+        return result
+
+    def merged_bias(self, name: str, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias with adapter `name` merged (unchanged for most methods)."""
+        return bias
+
+    def unmerged_bias(self, name: str, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
     # -- adapters ----------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return list(self.r)
+        """The adapters this layer holds, in the order they were added."""
+        raise NotImplementedError
 
-    def _set_scaling(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+    def holds(self, name: str) -> bool:
+        return name in self.adapters
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         for container in self.adapter_containers():
@@ -125,8 +135,6 @@ class AdapterLayer(nn.Module):
         for container in self.adapter_containers():
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling):
-            table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_adapter(self, names: Sequence[str], trainable: bool) -> None:
@@ -160,10 +168,8 @@ class AdapterLayer(nn.Module):
             return self._routed_forward(x, routing, *args, **kwargs)
         result = self.fused_forward(x) if self.fused and not args and not kwargs else None
         if result is None:
-            result = self.base_layer(x, *args, **kwargs)
-            for name in self.active_adapters:
-                if name in self.r and name not in self.merged_adapters:
-                    result = result + self.lora_output(x, name, result).to(result.dtype)
+            names = [n for n in self.active_adapters if self.holds(n) and n not in self.merged_adapters]
+            result = self.active_output(x, names, *args, **kwargs)
         return self._give_back(x, result, using=(*self.active_adapters, *self.merged_adapters))
 
     def _give_back(self, x: torch.Tensor, result: torch.Tensor, using: Sequence[str]) -> torch.Tensor:
@@ -190,8 +196,8 @@ class AdapterLayer(nn.Module):
                 result.index_add_(0, rows, self.gathered_output(x.index_select(0, rows), weights).to(result.dtype))
         else:
             for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
-                if name in self.r:  # this layer may not be targeted by every adapter
-                    delta = self.lora_output(x.index_select(0, rows), name, result.index_select(0, rows))
+                if self.holds(name):  # this layer may not be targeted by every adapter
+                    delta = self.adapter_output(x.index_select(0, rows), name, result.index_select(0, rows))
                     result.index_add_(0, rows, delta.to(result.dtype))
         for name in self.withheld_adapters():  # rows of other adapters and __base__ get the original base
             rows = routing.rows_not_using(name, x.device)
@@ -203,7 +209,7 @@ class AdapterLayer(nn.Module):
     def check_merge(self, names: Sequence[str], check_finite: bool = False, allow_quantized: bool = False) -> None:
         """Raise if merging `names` here is not possible (already merged, quantized weights) or,
         with `check_finite`, would give NaN/Inf weights. Changes nothing."""
-        held = [name for name in names if name in self.r]
+        held = [name for name in names if self.holds(name)]
         if not held:
             return
         twice = [name for name in held if name in self.merged_adapters]
@@ -235,21 +241,29 @@ class AdapterLayer(nn.Module):
         """
         if not checked:
             self.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)
-        held = [name for name in names if name in self.r]
+        held = [name for name in names if self.holds(name)]
         weight = self.base_layer.weight
         if held and is_quantized_weight(weight):
             start = target = float_weight(self.base_layer)
             for name in held:
                 target = self.merged_weight(name, target)
             self.base_layer.weight = requantize_like(weight, target)
+            for name in held:
+                self._merge_bias(name, self.merged_bias)
             self.merged_adapters.extend(held)
             self.merged_into_quantized = True
             update = (target - start).norm().clamp_min(1e-12)
             return ((float_weight(self.base_layer) - target).norm() / update).item()
         for name in held:
             weight.data.copy_(self.merged_weight(name, weight.data))
+            self._merge_bias(name, self.merged_bias)
             self.merged_adapters.append(name)
         return None
+
+    def _merge_bias(self, name: str, rule) -> None:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            bias.data.copy_(rule(name, bias.data))
 
     def unmerge(self, names: Sequence[str] | None = None) -> None:
         """W -= ΔW, newest merge first. Restores W up to float rounding of one add and one subtract."""
@@ -260,4 +274,5 @@ class AdapterLayer(nn.Module):
             if name in names:
                 weight = self.base_layer.weight
                 weight.data.copy_(self.unmerged_weight(name, weight.data))
+                self._merge_bias(name, self.unmerged_bias)
                 self.merged_adapters.remove(name)

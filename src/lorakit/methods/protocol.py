@@ -24,6 +24,9 @@ class AdapterMethod(Protocol):
     config_class: type  # e.g. LoraConfig; its from_dict reads adapter_config.json
     param_marker: str  # in every adapter parameter's name (e.g. "lora_"), never in a base parameter's
 
+    def prepare_config(self, model: nn.Module, config: Any) -> None:
+        """Fill in what the model implies for this method's config (PEFT's per-model defaults)."""
+
     def check_targets(self, modules: dict[str, nn.Module], targets: list[str], config: Any) -> None:
         """Raise a ConfigError before anything changes if `config` cannot adapt these target modules."""
 

@@ -6,10 +6,11 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.ia3.method import IA3
 from lorakit.methods.lora.method import LORA
 from lorakit.methods.protocol import AdapterMethod
 
-METHODS: dict[str, AdapterMethod] = {method.peft_type: method for method in (LORA,)}
+METHODS: dict[str, AdapterMethod] = {method.peft_type: method for method in (LORA, IA3)}
 
 
 def method_for(peft_type: str) -> AdapterMethod:

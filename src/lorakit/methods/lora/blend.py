@@ -27,6 +27,7 @@ import torch
 
 from lorakit.errors import AdapterNameError, ConfigError
 from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.layer import LoraEmbedding
 from lorakit.targets import named_candidates
 
@@ -47,6 +48,10 @@ def add_weighted_adapter(
         raise ConfigError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}.")
     combination_type = "linear" if len(adapters) == 1 else combination_type
     configs = [model.peft_config[a] for a in adapters]
+    other = [a for a, c in zip(adapters, configs, strict=True) if not isinstance(c, LoraConfig)]
+    if other:
+        raise ConfigError(f"Adapters {other} are not LoRA adapters ({configs[adapters.index(other[0])].peft_type}); "
+                          "add_weighted_adapter blends LoRA adapters, as in PEFT.")
     dora = [a for a, c in zip(adapters, configs, strict=True) if c.use_dora]
     if dora:
         raise ConfigError(f"Adapters {dora} use DoRA, whose magnitude vectors do not blend linearly; "

@@ -16,30 +16,35 @@ field and what is allowed; an unknown field names the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import functools
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError, closest
+from lorakit.methods.config_fields import (
+    check_task_type,
+    compile_regex,
+    is_int,
+    is_number,
+    name_list,
+    names_or_regex,
+    peft_dict_fields,
+    reject_unknown_fields,
+)
+
+# PEFT's defaults when target_modules is None (the architectures our users bring most).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"], "bloom": ["query_key_value"], "bert": ["query", "value"],
+    "roberta": ["query", "value"], "t5": ["q", "v"],
+}
 
 PEFT_TYPE = "LORA"
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")  # and "pissa_niter_K"
-
-
-class TaskType(enum.StrEnum):
-    """PEFT's task types. Only SEQ_CLS changes behaviour: its head becomes trainable."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
 # Keys PEFT writes into adapter_config.json for features lorakit does not implement. A file
@@ -53,36 +58,18 @@ _PEFT_KEYS_WHEN_OFF: dict[str, Any] = {
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
     "trainable_token_indices": None,
 }
-_PEFT_BOOKKEEPING_KEYS = ("peft_type", "auto_mapping", "peft_version", "runtime_config")
 # What people type when they come from papers or other tools.
 _SYNONYMS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
              "target": "target_modules", "rslora": "use_rslora", "dora": "use_dora", "init": "init_lora_weights"}
 
 
-def _reject_unknown_fields(cls):
-    """Wrap the dataclass __init__ so a misspelt field names the closest valid one."""
-    init = cls.__init__
-    valid = [f.name for f in dataclasses.fields(cls)]
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        for key in kwargs:
-            if key not in valid:
-                raise ConfigError(
-                    f"LoraConfig has no field {key!r}.{closest(key, valid, _SYNONYMS)} Valid fields: {', '.join(valid)}."
-                )
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
-
-
-@_reject_unknown_fields
+@reject_unknown_fields(_SYNONYMS)
 @dataclass
 class LoraConfig:
     """What to adapt and how. See the module docstring for the maths."""
 
     peft_type: ClassVar[str] = PEFT_TYPE  # which method reads this config (methods/registry.py)
+    default_targets: ClassVar[dict[str, list[str]]] = DEFAULT_TARGETS  # when target_modules is None
     # The fields that change the adapter's numbers: their digest is saved with the weights (io.py).
     digest_fields: ClassVar[tuple[str, ...]] = (
         "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "layers_to_transform",
@@ -118,21 +105,21 @@ class LoraConfig:
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_choices()
-        self.target_modules = _names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
-        self.layers_pattern = _names_or_regex("layers_pattern", self.layers_pattern)
+        self.target_modules = names_or_regex("target_modules", self.target_modules)
+        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
+        self.layers_pattern = names_or_regex("layers_pattern", self.layers_pattern)
         if self.modules_to_save is not None:
-            self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
+            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
         self._check_layers()
         self._check_patterns()
 
     # -- validation -------------------------------------------------------------------
     def _check_numbers(self) -> None:
-        if not _is_int(self.r) or self.r <= 0:
+        if not is_int(self.r) or self.r <= 0:
             raise ConfigError(f"r must be a positive integer (the LoRA rank), got {self.r!r}.")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+        if not is_number(self.lora_alpha) or self.lora_alpha <= 0:
             raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}.")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+        if not is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}.")
 
     def _check_choices(self) -> None:
@@ -148,12 +135,7 @@ class LoraConfig:
                 f"init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K ≥ 1) or 'olora'; "
                 f"got {init!r}.{closest(str(init), [str(m) for m in INIT_METHODS])}"
             )
-        if self.task_type is not None:
-            allowed = [t.value for t in TaskType]
-            value = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
-            if value not in allowed:
-                raise ConfigError(f"task_type must be one of {allowed} or None, got {self.task_type!r}.{closest(str(value), allowed)}")
-            self.task_type = value
+        self.task_type = check_task_type(self.task_type)
         for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
@@ -166,10 +148,10 @@ class LoraConfig:
             if self.layers_pattern:
                 raise ConfigError("layers_pattern only has a meaning together with layers_to_transform.")
             return
-        indices = [layers] if _is_int(layers) else layers
-        if not isinstance(indices, (list, tuple)) or not all(_is_int(i) and i >= 0 for i in indices):
+        indices = [layers] if is_int(layers) else layers
+        if not isinstance(indices, (list, tuple)) or not all(is_int(i) and i >= 0 for i in indices):
             raise ConfigError(f"layers_to_transform must be a non-negative int or a list of them, got {layers!r}.")
-        self.layers_to_transform = layers if _is_int(layers) else list(indices)
+        self.layers_to_transform = layers if is_int(layers) else list(indices)
         if isinstance(self.target_modules, str):
             raise ConfigError(
                 "layers_to_transform cannot be combined with a regex or 'all-linear' target_modules: "
@@ -178,15 +160,15 @@ class LoraConfig:
 
     def _check_patterns(self) -> None:
         for name, pattern, check in (
-            ("rank_pattern", self.rank_pattern, lambda v: _is_int(v) and v > 0),
-            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0),
+            ("rank_pattern", self.rank_pattern, lambda v: is_int(v) and v > 0),
+            ("alpha_pattern", self.alpha_pattern, lambda v: is_number(v) and v > 0),
         ):
             if not isinstance(pattern, dict):
                 raise ConfigError(f"{name} must be a dict of module-name pattern -> value, got {pattern!r}.")
             for key, value in pattern.items():
                 if not check(value):
                     raise ConfigError(f"{name}[{key!r}] must be a positive number, got {value!r}.")
-                _compile(name, key)
+                compile_regex(name, key)
 
     # -- per-module values -------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -213,47 +195,9 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> LoraConfig:
-        """Build from a PEFT adapter_config.json dict, as PEFT reads files from other versions.
-
-        A key we do not know is ignored (with one warning) when it is switched off — null, false,
-        empty, or PEFT's "off" value for the features listed in `_PEFT_KEYS_WHEN_OFF` — as with
-        alpaca-lora's `enable_lora: null, merge_weights: false`. A key that is switched on may
-        change the adapter's numbers, so it is refused: loading it would silently compute
-        something else. `strict` (a file lorakit wrote, which never holds unknown keys) refuses
-        every unknown key: there it is an edit or corruption. (`LoraConfig(**kwargs)` stays
-        strict too: there an unknown key is a typo.)
-        """
-        data = dict(data)
-        peft_type = data.get("peft_type", PEFT_TYPE)
-        if peft_type != PEFT_TYPE:
-            raise ConfigError(f"peft_type is {peft_type!r}; lorakit reads only LoRA adapters (peft_type 'LORA').")
-        for key in _PEFT_BOOKKEEPING_KEYS:
-            data.pop(key, None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        ignored = []
-        for key in [k for k in data if k not in known]:
-            value = data.pop(key)
-            if strict:
-                raise ConfigError(f"Unknown key {key!r} in a config lorakit wrote (edited or corrupted?)."
-                                  f"{closest(key, known, _SYNONYMS)}")
-            if key in _PEFT_KEYS_WHEN_OFF and value in (_PEFT_KEYS_WHEN_OFF[key], None, False, {}, []):
-                continue  # a PEFT feature we know, switched off: nothing to say
-            if value in (None, False, "", {}, []):
-                ignored.append(f"{key}={value!r}")
-            elif key in _PEFT_KEYS_WHEN_OFF:
-                raise ConfigError(f"The adapter uses PEFT's {key}={value!r}, which lorakit does not support."
-                                  + _ALTERNATIVES.get(key, ""))
-            else:
-                raise ConfigError(
-                    f"The adapter config sets {key}={value!r}, a key this version of lorakit does not know (the file was "
-                    f"probably written by a newer PEFT, or edited).{closest(key, known, _SYNONYMS)} It is switched on and "
-                    "may change the adapter's numbers, so it is refused rather than ignored; if you know it does not, "
-                    "delete the key from adapter_config.json."
-                )
-        if ignored:
-            warnings.warn(f"adapter_config.json: ignored keys lorakit does not know, all switched off: {', '.join(ignored)} "
-                          "(written by an older or newer PEFT).", stacklevel=3)
-        return cls(**data)
+        """Build from a PEFT adapter_config.json dict (config_fields.peft_dict_fields: keys from other
+        PEFT versions are ignored when off, refused when on)."""
+        return cls(**peft_dict_fields(cls, data, strict, _PEFT_KEYS_WHEN_OFF, _ALTERNATIVES, _SYNONYMS))
 
 
 _ALTERNATIVES = {"trainable_token_indices": " To train token embeddings with lorakit, train the whole embedding "
@@ -261,38 +205,6 @@ _ALTERNATIVES = {"trainable_token_indices": " To train token embeddings with lor
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _name_list(field_name: str, value: Any) -> list[str]:
-    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
-        return list(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
-    raise ConfigError(f"{field_name} must be a non-empty list of module names, got {value!r}.")
-
-
-def _names_or_regex(field_name: str, value: Any) -> list[str] | str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.lower() == "all-linear":
-            return "all-linear"
-        _compile(field_name, value)
-        return value
-    return _name_list(field_name, value)
-
-
-def _compile(field_name: str, pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ConfigError(f"{field_name}: {pattern!r} is not a valid regular expression ({exc}).") from None
-
-
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     """PEFT's rule: key K applies to a module whose full name matches `(.*\\.)?(K)$`."""
     for key in patterns:

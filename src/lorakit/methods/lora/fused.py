@@ -17,7 +17,7 @@ Dtypes follow the plain path exactly (tests/test_mixed_precision.py):
 - no autocast: the base GEMM runs in the base weight's dtype, the LoRA GEMMs in the
   adapter's (x_d is cast to A's dtype, as PEFT does); when the two differ (a bf16 base with
   fp32 adapters) Δ = s·h Bᵀ is formed in the adapter dtype and rounded once into the output,
-  which is what `result + lora_output(x).to(result.dtype)` does. x_d is saved in its own
+  which is what `result + adapter_output(x).to(result.dtype)` does. x_d is saved in its own
   dtype and cast again in backward: no fp32 copy of a half-precision input is kept.
 - under `torch.autocast`: every GEMM runs in the autocast dtype, as each `nn.Linear` of the
   plain path would. The op casts its inputs itself and runs with autocast off inside (an

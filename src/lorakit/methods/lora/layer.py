@@ -53,9 +53,36 @@ def linear_around(weight: nn.Parameter) -> nn.Linear:
     return layer
 
 
-class LoraLinear(DoraMerging, AdapterLayer):
+class LoraLayer(DoraMerging, AdapterLayer):
+    """What LoRA's layers share: per adapter a rank r, α and the scaling s = α/r (α/√r with rsLoRA)."""
+
     peft_type = "LORA"
 
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.r)
+
+    def holds(self, name: str) -> bool:
+        return name in self.r
+
+    def _set_scaling(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+
+
+class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         # weight_transposed: GPT-2's Conv1D stores (in, out) — PEFT's fan_in_fan_out, DoRA's column norms
@@ -109,7 +136,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
             magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
             self.lora_magnitude_vector[name] = DoraMagnitude(adapter_parameter(magnitude.detach(), device))
 
-    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         lora_a = self.lora_A[name]
         x = x.to(lora_a.weight.dtype)  # a bf16/int8 base may hand us other dtypes
         if name in self.lora_magnitude_vector:
@@ -252,8 +279,7 @@ class LoraLinear(DoraMerging, AdapterLayer):
         return delta if x.dim() == 3 else delta.squeeze(1)
 
 
-class LoraEmbedding(DoraMerging, AdapterLayer):
-    peft_type = "LORA"
+class LoraEmbedding(LoraLayer):
     weight_transposed = True  # E is (num_embeddings, dim): the output features are its columns
 
     def __init__(self, base_layer: nn.Embedding):
@@ -299,7 +325,7 @@ class LoraEmbedding(DoraMerging, AdapterLayer):
         with torch.no_grad():
             return row_norm(float_weight(self.base_layer) + self.delta_weight(name).float(), transposed=True)
 
-    def lora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         if name in self.lora_magnitude_vector:  # y = (m/n) ⊙ (result + Δ(x)), n detached (PEFT)
             scale = self.lora_magnitude_vector[name].weight / self.dora_norm(name)
             return (scale - 1) * result + scale * self.embedding_delta(x, name)

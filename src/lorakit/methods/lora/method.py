@@ -31,6 +31,9 @@ class LoraMethod:
     config_class = LoraConfig
     param_marker = "lora_"
 
+    def prepare_config(self, model: nn.Module, config: LoraConfig) -> None:
+        """Nothing to fill in: LoRA's model-type defaults are `LoraConfig.default_targets`."""
+
     def check_targets(self, modules: dict[str, nn.Module], targets: list[str], config: LoraConfig) -> None:
         embeddings = [n for n in targets if isinstance(inner_module(modules[n]), nn.Embedding)]
         if embeddings and is_weight_init(config.init_lora_weights):  # PEFT has no embedding version either

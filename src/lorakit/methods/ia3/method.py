@@ -1,0 +1,77 @@
+"""(IA)³ as an `AdapterMethod` (methods/protocol.py). PEFT's file name for one target module:
+`base_model.model.<module path>.ia3_l`, shape (1, in) for feedforward layers, else (out, 1)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from lorakit.errors import ConfigError
+from lorakit.methods import inner_module
+from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.ia3.config import DEFAULT_FEEDFORWARD, IA3Config
+from lorakit.methods.ia3.layer import IA3Linear
+from lorakit.targets import is_linear, matches
+
+
+class IA3Method:
+    peft_type = "IA3"
+    config_class = IA3Config
+    param_marker = "ia3_"
+
+    def prepare_config(self, model: nn.Module, config: IA3Config) -> None:
+        """PEFT's rule: without feedforward_modules, the model type's defaults (down_proj for Llama)."""
+        if config.feedforward_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            config.feedforward_modules = DEFAULT_FEEDFORWARD.get(model_type, [])
+
+    def check_targets(self, modules: dict[str, nn.Module], targets: list[str], config: IA3Config) -> None:
+        other = [n for n in targets if not is_linear(inner_module(modules[n]))]
+        if other:
+            raise ConfigError(f"(IA)³ adapts linear layers only (as here implemented); {other[0]} is a "
+                              f"{type(inner_module(modules[other[0]])).__name__}.")
+
+    def new_layer(self, module: nn.Module, config: IA3Config) -> AdapterLayer:
+        layer = IA3Linear(module)
+        if layer.weight_transposed and not config.fan_in_fan_out:
+            warnings.warn(f"fan_in_fan_out=False does not fit {type(module).__name__}; using fan_in_fan_out=True "
+                          "for it (as PEFT does).", stacklevel=4)
+            config.fan_in_fan_out = True
+        return layer
+
+    def _feedforward(self, module: nn.Module, config: IA3Config, module_name: str) -> bool:
+        if isinstance(module, IA3Linear) and module.adapters:
+            return module.is_feedforward  # fixed by the layer's first adapter
+        return bool(config.feedforward_modules) and matches(config.feedforward_modules, module_name)
+
+    def add_adapter(self, layer: AdapterLayer, name: str, config: IA3Config, module_name: str,
+                    tensors: dict[str, torch.Tensor] | None) -> None:
+        layer.is_feedforward = self._feedforward(layer, config, module_name)
+        layer.update_layer(name, config.init_ia3_weights, tensors["ia3_l"] if tensors is not None else None)
+
+    def expected_tensors(self, module: nn.Module, config: IA3Config, module_name: str) -> dict[str, tuple[int, ...]]:
+        from lorakit.base_layers import linear_features
+
+        in_features, out_features, _ = linear_features(inner_module(module))
+        feedforward = self._feedforward(module, config, module_name)
+        return {"ia3_l": (1, in_features) if feedforward else (out_features, 1)}
+
+    def tensors_of(self, layer: AdapterLayer, name: str) -> dict[str, torch.Tensor]:
+        return {"ia3_l": layer.ia3_l[name]}
+
+    def mismatch_hint(self, found, expected, config, module_name) -> str | None:
+        tensor = found.get("ia3_l")
+        if tensor is not None and tuple(tensor.shape) == expected["ia3_l"][::-1]:
+            return (f"{module_name}: ia3_l has shape {tuple(tensor.shape)}: the file treats it as "
+                    f"{'a feedforward' if tensor.shape[0] == 1 else 'a non-feedforward'} layer and the config does "
+                    "not (feedforward_modules differ).")
+        return None
+
+    def summarize(self, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"target_modules": sorted(key.rsplit(".ia3_l", 1)[0] for key in tensors if key.endswith(".ia3_l")),
+                "ranks": {}}
+
+
+IA3 = IA3Method()
