@@ -109,6 +109,20 @@ def output_of(model: nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def assert_rows_equal_alone(model, base: nn.Module, inputs: dict, names: list[str], atol: float = 1e-5) -> None:
+    """A mixed batch (one adapter per row) equals each row run alone with its adapter (or the base)."""
+    with torch.no_grad():
+        mixed = output_of(model, inputs, adapter_names=names)
+        for row, name in enumerate(names):
+            one = {k: v[row:row + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                alone = output_of(base, one)
+            else:
+                model.set_adapter(name)
+                alone = output_of(model, one)
+            torch.testing.assert_close(mixed[row:row + 1], alone, atol=atol, rtol=0, msg=name)
+
+
 def twin(builder, adapter_name: str = "default", **config):
     """(ours, peft's, base copy) wrapped from the same base with identical adapter weights."""
     import peft

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
+from conftest import assert_rows_equal_alone, inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.errors import ConfigError
 from lorakit.methods.ia3.config import IA3Config
 
@@ -102,17 +102,7 @@ def test_ia3_rows_beside_lora_rows_in_one_batch():
                                                 init_lora_weights=False))
     inputs = inputs_for(base, batch=4)
     names = ["default", "lora", "__base__", "default"]
-    ours.eval()
-    with torch.no_grad():
-        mixed = output_of(ours, inputs, adapter_names=names)
-        for row, name in enumerate(names):
-            one = {k: v[row:row + 1] for k, v in inputs.items()}
-            if name == "__base__":
-                alone = output_of(base, one)
-            else:
-                ours.set_adapter(name)
-                alone = output_of(ours, one)
-            torch.testing.assert_close(mixed[row:row + 1], alone, atol=ATOL, rtol=0, msg=name)
+    assert_rows_equal_alone(ours.eval(), base, inputs, names, ATOL)
 
 
 def test_one_module_holds_one_methods_adapters():
