@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.files.fingerprint import verify_base_fingerprint
 from lorakit.files.format import AdapterFiles, read_adapter
+from lorakit.files.tensors import LoadPlan, plan_load
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.registry import METHODS, method_of
 from lorakit.targets import SEQ_CLS_HEADS
@@ -84,3 +86,14 @@ class LoadOptions:
         config = copy.deepcopy(self.config if self.config is not None else files.config)
         config.inference_mode = not is_trainable  # PEFT's rule: loaded adapters are frozen unless asked
         return files, config
+
+
+def checked_load(model: nn.Module, fingerprint: dict, model_id, is_trainable: bool, verify_base: bool,
+                 verify_integrity: bool, peft_options: dict, model_task: str | None = None) -> tuple[Any, LoadPlan]:
+    """(config, plan) for loading a saved adapter onto `model`: read and checked whole — integrity,
+    the base fingerprint, every tensor against the model — before anything changes."""
+    options = LoadOptions.of(peft_options)
+    files, config = options.read(model_id, is_trainable, verify_integrity)
+    config = resolve_config(model, config, model_task)
+    verify_base_fingerprint(files, fingerprint, name_or_path(model), verify_base)
+    return config, plan_load(model, config, files.tensors, files.directory, options.autocast_adapter_dtype)

@@ -22,15 +22,15 @@ from torch import nn
 
 from lorakit import __version__
 from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, RoutingError
-from lorakit.files.fingerprint import base_fingerprint, verify_base_fingerprint
+from lorakit.files.fingerprint import base_fingerprint
 from lorakit.files.format import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
-from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases, plan_load
+from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
-from lorakit.loading import LoadOptions, name_or_path, resolve_config
+from lorakit.loading import checked_load, resolve_config
 from lorakit.methods.lora.blend import add_weighted_adapter
-from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.init import convert_weight_init
-from lorakit.routing import BASE_ADAPTER, adapter_routing
+from lorakit.methods.protocol import AdapterConfig
+from lorakit.routing import BASE_ADAPTER, adapter_routing, gradient_checkpointing_on
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
 from lorakit.tuner import LoraModel
 
@@ -42,13 +42,13 @@ class PeftModel(nn.Module):
     fast_path = True  # fused LoRA op and the loss without full logits, where they apply (set_fast_path)
 
     def __init__(
-        self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
+        self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", *, _load_plan: LoadPlan | None = None
     ):
         super().__init__()
         # Fingerprint the base now, before any merge can change its weights (see fingerprint.py).
         self.base_fingerprint = base_fingerprint(model)
         self.base_model = LoraModel(model)
-        self.peft_config: dict[str, LoraConfig] = {}
+        self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = [adapter_name]
         self._check_new_name(adapter_name)
         self._install(adapter_name, resolve_config(model, peft_config), _load_plan)
@@ -74,7 +74,7 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str:
         return self._active[0] if len(self._active) == 1 else self.active_adapters  # PEFT's shape
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
         """Add a new (inactive unless it is the first) adapter; the base stays frozen."""
         self._check_new_name(adapter_name)
         self._install(adapter_name, self._resolve(peft_config))
@@ -87,11 +87,15 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"An adapter named {adapter_name!r} exists; delete it first or pick another name.")
 
-    def _resolve(self, peft_config: LoraConfig) -> LoraConfig:
-        first = next(iter(self.peft_config.values()), None)
-        return resolve_config(self.get_base_model(), peft_config, first.task_type if first else None)
+    def _resolve(self, peft_config: AdapterConfig) -> AdapterConfig:
+        return resolve_config(self.get_base_model(), peft_config, self._model_task())
 
-    def _install(self, adapter_name: str, config: LoraConfig, plan: LoadPlan | None = None) -> None:
+    def _model_task(self) -> str | None:
+        """The task type of the first adapter: PEFT applies its SEQ_CLS rule to every later one."""
+        first = next(iter(self.peft_config.values()), None)
+        return first.task_type if first else None
+
+    def _install(self, adapter_name: str, config: AdapterConfig, plan: LoadPlan | None = None) -> None:
         """Add a resolved config's adapter (with a checked file's tensors, if `plan`)."""
         first = not self.peft_config
         self.base_model.inject(config, adapter_name, plan)
@@ -302,15 +306,10 @@ class PeftModel(nn.Module):
         verify_base: bool = True, verify_integrity: bool = True, **peft_options,
     ) -> None:
         """Load a saved adapter (ours or PEFT's) next to the existing ones; all-or-nothing.
-
-        Also takes PEFT's `subfolder`, `config`, `autocast_adapter_dtype`, `torch_device` and
-        `low_cpu_mem_usage` (see `LoadOptions`)."""
+        Also takes PEFT's loading keywords (`subfolder`, `config`, …: see `loading.LoadOptions`)."""
         self._check_new_name(adapter_name)
-        options = LoadOptions.of(peft_options)
-        files, config = options.read(model_id, is_trainable, verify_integrity)
-        config = self._resolve(config)
-        verify_base_fingerprint(files, self.base_fingerprint, name_or_path(self.get_base_model()), verify_base)
-        plan = plan_load(self.get_base_model(), config, files.tensors, files.directory, options.autocast_adapter_dtype)
+        config, plan = checked_load(self.get_base_model(), self.base_fingerprint, model_id, is_trainable, verify_base,
+                                    verify_integrity, peft_options, self._model_task())
         self._install(adapter_name, config, plan)
 
     @classmethod
@@ -319,16 +318,11 @@ class PeftModel(nn.Module):
         verify_base: bool = True, verify_integrity: bool = True, **peft_options,
     ) -> PeftModel:
         """Wrap `model` with a saved adapter (ours or PEFT's); nothing is changed if any check fails.
-
-        Also takes PEFT's `subfolder`, `config`, `autocast_adapter_dtype`, `torch_device` and
-        `low_cpu_mem_usage` (see `LoadOptions`)."""
+        Also takes PEFT's loading keywords (`subfolder`, `config`, …: see `loading.LoadOptions`)."""
         if isinstance(model, PeftModel):
             raise AdapterStateError("The model is already a PeftModel; use model.load_adapter(path, name) instead.")
-        options = LoadOptions.of(peft_options)
-        files, config = options.read(model_id, is_trainable, verify_integrity)
-        config = resolve_config(model, config)
-        verify_base_fingerprint(files, base_fingerprint(model), name_or_path(model), verify_base)
-        plan = plan_load(model, config, files.tensors, files.directory, options.autocast_adapter_dtype)
+        config, plan = checked_load(model, base_fingerprint(model), model_id, is_trainable, verify_base,
+                                    verify_integrity, peft_options)
         return cls(model, config, adapter_name, _load_plan=plan)
 
     # -- running -------------------------------------------------------------------------------
@@ -414,16 +408,7 @@ class PeftModel(nn.Module):
         )
 
 
-def gradient_checkpointing_on(model: nn.Module) -> bool:
-    """Whether any block will be recomputed in backward. transformers marks each checkpointed module
-    with `gradient_checkpointing=True` (and derives its own `is_activation_checkpointing` the same
-    way); the model-level `is_gradient_checkpointing` is deprecated, and a `getattr(…, False)` on it
-    would silently read False once it is gone (tests/test_model.py enables checkpointing through
-    transformers' API and asserts the refusal)."""
-    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
-
-
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap `model` with a new LoRA adapter; the base weights are frozen in place."""
     if isinstance(model, PeftModel):
         raise AdapterStateError("The model is already a PeftModel; use model.add_adapter(name, config) instead.")

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+from torch import nn
 
 BASE_ADAPTER = "__base__"  # a row that uses no adapter
 
@@ -89,3 +90,12 @@ def adapter_routing(
 
 def current_routing() -> Routing | None:
     return _current.get()
+
+
+def gradient_checkpointing_on(model: nn.Module) -> bool:
+    """Whether any block will be recomputed in backward. transformers marks each checkpointed module
+    with `gradient_checkpointing=True` (and derives its own `is_activation_checkpointing` the same
+    way); the model-level `is_gradient_checkpointing` is deprecated, and a `getattr(…, False)` on it
+    would silently read False once it is gone (tests/test_peft_api.py enables checkpointing through
+    transformers' API and asserts the refusal)."""
+    return any(getattr(module, "gradient_checkpointing", False) is True for module in model.modules())

@@ -11,12 +11,14 @@ A method is registered in `registry.py` by its PEFT type (adapter_config.json's 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from torch import nn
 
 from lorakit.methods.base_layer import AdapterLayer
+
+AdapterConfig: TypeAlias = Any  # a registered method's config class (LoraConfig, IA3Config, …)
 
 
 class AdapterMethod(Protocol):
