@@ -10,25 +10,21 @@ surgery to `LoraModel` (`self.base_model`) and the maths to the adapted layers.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import UTC, datetime
 
 import torch
 from torch import nn
 
-from lorakit import __version__
-from lorakit.errors import AdapterError, AdapterNameError, AdapterStateError, RoutingError
+from lorakit.errors import AdapterNameError, AdapterStateError, RoutingError
 from lorakit.files.fingerprint import base_fingerprint
-from lorakit.files.format import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
-from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases
+from lorakit.files.save import save_adapters
+from lorakit.files.tensors import LoadPlan, apply_biases
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.loading import checked_load, resolve_config
 from lorakit.methods.lora.blend import add_weighted_adapter
-from lorakit.methods.lora.init import convert_weight_init
 from lorakit.methods.protocol import AdapterConfig
 from lorakit.routing import BASE_ADAPTER, adapter_routing, gradient_checkpointing_on
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
@@ -281,25 +277,11 @@ class PeftModel(nn.Module):
         it was saved right after initialisation; the adapter is then written as a plain LoRA
         adapter (rank 2r) that works on the original, untouched base — PEFT's conversion.
         """
-        if not safe_serialization:
-            raise AdapterError("lorakit writes safetensors only (a pickle file can run code when loaded).")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         self._check_known(names)
-        if not is_main_process:
-            return
-        for name in names:
-            config = self.peft_config[name]
-            metadata = {
-                "lorakit.version": __version__,
-                "lorakit.created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "lorakit.base_model": config.base_model_name_or_path or "",
-                FINGERPRINT_KEY: json.dumps(self.base_fingerprint),
-            }
-            tensors = adapter_tensors(self.get_base_model(), name, config)
-            if path_initial_model_for_weight_conversion is not None:
-                initial = read_adapter(adapter_dir(path_initial_model_for_weight_conversion, name))
-                tensors, config = convert_weight_init(tensors, config, initial.tensors, initial.directory)
-            write_adapter(adapter_dir(save_directory, name), config, tensors, metadata)
+        if is_main_process:
+            save_adapters(self.get_base_model(), {n: self.peft_config[n] for n in names}, self.base_fingerprint,
+                          save_directory, safe_serialization, path_initial_model_for_weight_conversion)
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,

@@ -50,5 +50,10 @@ class AdapterMethod(Protocol):
                       config: Any, module_name: str) -> str | None:
         """A clearer message than "wrong shape" for a file whose tensors do not fit, if there is one."""
 
+    def convert_weight_init(self, tensors: dict[str, torch.Tensor], config: Any, initial: dict[str, torch.Tensor],
+                            source: Any) -> tuple[dict[str, torch.Tensor], Any]:
+        """(tensors, config) of an adapter re-expressed for the original base, given the tensors it was
+        initialised with (PiSSA/OLoRA take part of W; PEFT's `path_initial_model_for_weight_conversion`)."""
+
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """For `lorakit inspect`: {"target_modules": [...], "ranks": {rank: count}} of a file's tensors."""

@@ -69,6 +69,10 @@ class IA3Method:
                     "not (feedforward_modules differ).")
         return None
 
+    def convert_weight_init(self, tensors, config, initial, source):
+        raise ConfigError("(IA)³ adapters take nothing out of the base weight; save them without "
+                          "path_initial_model_for_weight_conversion.")
+
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {"target_modules": sorted(key.rsplit(".ia3_l", 1)[0] for key in tensors if key.endswith(".ia3_l")),
                 "ranks": {}}

@@ -20,7 +20,7 @@ from lorakit.errors import ConfigError
 from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.lora.init import is_weight_init
+from lorakit.methods.lora.init import convert_weight_init, is_weight_init
 from lorakit.methods.lora.layer import LoraEmbedding, LoraLinear
 
 A_NAMES = ("lora_A.weight", "lora_embedding_A")
@@ -96,6 +96,9 @@ class LoraMethod:
             return (f"the config gives {module_name} rank r={r}, but its tensors have rank {a.shape[0]} "
                     "(adapter_config.json and adapter_model.safetensors do not belong together).")
         return None
+
+    def convert_weight_init(self, tensors, config, initial, source):
+        return convert_weight_init(tensors, config, initial, source)
 
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict:
         modules = sorted({key.split(f".{self.param_marker}")[0] for key in tensors if f".{self.param_marker}" in key})
