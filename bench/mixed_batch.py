@@ -2,9 +2,13 @@
 
 (a) decode-like step: 32 rows x 1 new token on a 16-token KV cache, 32 different adapters;
 (b) prefill: 16 rows x 64 tokens, 8 adapters (2 rows each).
-For each: base (adapters off), single adapter for all rows, mixed (one adapter per row), and
-PEFT's mixed step (`adapter_names=`). The KV cache is copied before every call (untimed),
-since a forward appends to it.
+For each: base (adapters off), single adapter for all rows, mixed (one adapter per row, a
+*fresh* `adapter_names` routing every call, as a continuous-batching engine builds one per
+step), and PEFT's mixed step (`adapter_names=`). The KV cache is copied before every call
+(untimed), since a forward appends to it.
+
+Also: the memory of a bank of 200 adapters (ranks 8/16/32, all-linear) against the bytes of
+their own weights.
 
     python bench/mixed_batch.py
 """
@@ -21,7 +25,7 @@ import torch
 import lorakit
 from harness import emit, time_interleaved
 from lorakit.base_models import load_model
-from lorakit.routing import Routing, adapter_routing
+from lorakit.methods import AdapterLayer
 
 RANKS = (8, 16, 32)
 
@@ -64,21 +68,24 @@ def scenario(base, ours, theirs, rows: int, prompt: int, new: int, count: int, r
         with ours.disable_adapter():
             call(ours)()
 
-    reused = Routing(names, reusable=True)
-
-    def reused_routing():  # as inside generate(): one routing for every step, its caches kept
-        with adapter_routing(reused):
-            call(ours)()
-
     candidates = {
         "base": disabled,
         "lorakit_single": call(ours),
-        "lorakit_mixed": call(ours, adapter_names=names),
-        "lorakit_mixed_reused_routing": reused_routing,
+        "lorakit_mixed": call(ours, adapter_names=names),  # a new routing every call
         "peft_mixed": call(theirs, adapter_names=names),
     }
     fresh_cache = (lambda: cache.update(copy=copy.deepcopy(cache["kv"]))) if decode else (lambda: None)
     return time_interleaved(candidates, reps=reps, warmup=1, before=dict.fromkeys(candidates, fresh_cache))
+
+
+def bank_memory(base, count: int = 200) -> dict:
+    """Bytes of the banks holding `count` adapters vs the bytes of their own A and B."""
+    model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**adapters(1)[0][1]), adapter_name="a0")
+    for name, config in adapters(count)[1:]:
+        model.add_adapter(name, lorakit.LoraConfig(**config))
+    own = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+    banks = sum(m.bank.bytes() for m in model.modules() if isinstance(m, AdapterLayer))
+    return {"adapters": count, "own_mb": round(own / 2**20, 1), "bank_mb": round(banks / 2**20, 1)}
 
 
 def main() -> None:
@@ -92,16 +99,18 @@ def main() -> None:
     theirs.set_adapter("a0")
     decode = scenario(base, ours, theirs, rows=32, prompt=16, new=1, count=32, reps=args.reps)
     prefill = scenario(base, ours, theirs, rows=16, prompt=64, new=64, count=8, reps=args.reps)
+    del ours, theirs
+    memory = bank_memory(base)
     results = {"decode_32x1_32_adapters_s": {k: round(v, 5) for k, v in decode.items()},
-               "prefill_16x64_8_adapters_s": {k: round(v, 5) for k, v in prefill.items()}}
+               "prefill_16x64_8_adapters_s": {k: round(v, 5) for k, v in prefill.items()},
+               "bank_200_adapters": memory}
     ratios = {
         "decode_mixed_vs_single": decode["lorakit_mixed"] / decode["lorakit_single"],
         "decode_peft_mixed_vs_ours_mixed": decode["peft_mixed"] / decode["lorakit_mixed"],
         "decode_single_vs_base": decode["lorakit_single"] / decode["base"],
-        "decode_reused_routing_vs_single": decode["lorakit_mixed_reused_routing"] / decode["lorakit_single"],
-        "decode_peft_mixed_vs_ours_reused_routing": decode["peft_mixed"] / decode["lorakit_mixed_reused_routing"],
         "prefill_mixed_vs_single": prefill["lorakit_mixed"] / prefill["lorakit_single"],
         "prefill_peft_mixed_vs_ours_mixed": prefill["peft_mixed"] / prefill["lorakit_mixed"],
+        "bank_slack": memory["bank_mb"] / memory["own_mb"] - 1,
     }
     setup = {"model": "SmolLM2-135M-Instruct", "targets": "all-linear", "ranks": list(RANKS), "dtype": "fp32",
              "decode": "32 rows x 1 token, 16-token KV cache, 32 adapters", "prefill": "16 rows x 64 tokens, 8 adapters",

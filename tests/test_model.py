@@ -139,16 +139,22 @@ def test_set_adapter_switches_and_only_active_adapter_trains():
         model.set_adapter("missing")
 
 
-def test_delete_adapter_leaves_the_model_as_it_was():
-    model, _ = wrapped(r=4, target_modules=["q_proj", "v_proj"])
-    structure = [(n, type(m)) for n, m in model.named_modules()]
-    keys = set(model.state_dict())
+def test_delete_adapter_frees_it_and_never_changes_the_tree():
+    """As in PEFT, layers stay wrapped after a delete (a serving model's tree must not change under
+    a running forward); `unload()` gives back the original model."""
+    model, base = wrapped(r=4, target_modules=["q_proj", "v_proj"])
+    original = {k: v.clone() for k, v in base.state_dict().items()}
     model.add_adapter("extra", lorakit.LoraConfig(r=2, target_modules=["k_proj", "q_proj"]))
+    structure = [(n, id(m)) for n, m in model.named_modules()]
+    keys = set(model.state_dict())
     model.delete_adapter("extra")
-    assert [(n, type(m)) for n, m in model.named_modules()] == structure
-    assert set(model.state_dict()) == keys
+    assert [(n, id(m)) for n, m in model.named_modules()] == structure
+    assert keys - set(model.state_dict()) == {k for k in keys if ".extra." in k}
     model.delete_adapter("default")
-    assert not any(isinstance(m, lorakit.methods.AdapterLayer) for m in model.modules())
+    assert not any(".lora_" in k for k in model.state_dict())
+    plain = model.unload()
+    assert not any(isinstance(m, lorakit.methods.AdapterLayer) for m in plain.modules())
+    assert plain.state_dict().keys() == original.keys()
 
 
 def test_adapter_name_rules():

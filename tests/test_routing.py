@@ -1,13 +1,15 @@
-"""Mixed-adapter batches: the fast paths against the plain reference, and a bank of 200 adapters.
+"""Mixed-adapter batches from the slot banks: a fresh routing per step, per-token routing, hot-swap.
 
-The two implementations of `adapter_names` must agree (fp32, atol 1e-5): the plain path
-(a GEMM pair per adapter group, gather/scatter per group) and the bucketed one (one bmm pair
-per rank bucket, used on reusable routings under no_grad for decode-like shapes).
+The banked path (one bmm pair per rank bucket, from the bank, no reuse needed) must equal the
+plain reference path (a GEMM pair per adapter group) and each row run alone (fp32, atol 1e-5),
+for per-row and per-token routings, mixed ranks, `__base__` rows and tokens.
 """
 
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch
 import lorakit
 from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.methods import AdapterLayer
+from lorakit.methods.lora.layer import LoraLinear
 from lorakit.routing import Routing, adapter_routing
 
 ATOL = 1e-5
@@ -41,65 +44,115 @@ def _run(model, inputs, routing):
         return output_of(model, inputs)
 
 
+def _alone(model, inputs, name):
+    with torch.no_grad():
+        if name == "__base__":
+            with model.disable_adapter():
+                return output_of(model, inputs)
+        model.set_adapter(name)
+        return output_of(model, inputs)
+
+
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("seq", [1, 3, 9])  # decode-like (bucketed when reusable) and prefill-like
-def test_fast_paths_equal_the_reference(builder, seq):
+@pytest.mark.parametrize("seq", [1, 3, 9])  # decode-like and prefill-like
+def test_a_fresh_routing_takes_the_banked_path_and_equals_the_reference(builder, seq):
     model, base = _model(builder)
     names = ["a3", "__base__", "a0", "a4", "a1", "a3", "a2", "__base__", "a0"]
     inputs = inputs_for(base, batch=len(names), seq=seq)
-    reference = _run(model, inputs, Routing(names, reusable=True, reference=True))
-    bucketed = _run(model, inputs, Routing(names, reusable=True))
-    torch.testing.assert_close(bucketed, reference, atol=ATOL, rtol=0)
+    reference = _run(model, inputs, Routing(names, reference=True))
+    fresh = Routing(names)
+    banked = _run(model, inputs, fresh)
+    assert any(key[0] == "bank" for key in fresh._cache)  # the banked path ran
+    torch.testing.assert_close(banked, reference, atol=ATOL, rtol=0)
     for row in (0, 1, 4):  # and each row equals its adapter alone
-        if names[row] == "__base__":
-            with torch.no_grad(), model.disable_adapter():
-                alone = output_of(model, {k: v[row:row + 1] for k, v in inputs.items()})
-        else:
-            model.set_adapter(names[row])
+        alone = _alone(model, {k: v[row:row + 1] for k, v in inputs.items()}, names[row])
+        torch.testing.assert_close(banked[row:row + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_with_gradients_the_plain_path_runs_and_gradients_reach_the_parameters():
+    model, base = _model()
+    inputs = inputs_for(base, batch=3, seq=2)
+    routing = Routing(["a2", "a0", "__base__"])
+    with adapter_routing(routing):
+        output_of(model, inputs).sum().backward()
+    assert not any(key[0] == "bank" for key in routing._cache)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    a, b = layer.factors("a0")
+    assert a.grad is not None and b.grad is not None and a.grad.abs().sum() > 0
+
+
+def test_per_token_routing_equals_per_row_and_each_token_alone():
+    model, base = _model()
+    names = ["a1", "a4", "__base__"]
+    inputs = inputs_for(base, batch=3, seq=4)
+    per_row = _run(model, inputs, Routing(names))
+    per_token = _run(model, inputs, Routing([n for n in names for _ in range(4)], per_token=True))
+    torch.testing.assert_close(per_token, per_row, atol=ATOL, rtol=0)
+    # one layer, a packed [1, T] batch with a different adapter per token, mixed ranks and __base__
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear) and len(m.r) >= 3)
+    tokens = ["a0", "a2", "__base__", "a2", "a4", "a0", "a1", "__base__"]
+    tokens = [t if t == "__base__" or layer.holds(t) else "a2" for t in tokens]
+    x = torch.randn(1, len(tokens), layer.in_features)
+    for routing in (Routing(tokens, per_token=True), Routing(tokens, per_token=True, reference=True)):
+        with torch.no_grad(), adapter_routing(routing):
+            packed = layer(x)
+        for t, name in enumerate(tokens):
             with torch.no_grad():
-                alone = output_of(model, {k: v[row:row + 1] for k, v in inputs.items()})
-        torch.testing.assert_close(bucketed[row:row + 1], alone, atol=ATOL, rtol=0)
+                if name == "__base__":
+                    alone = layer.base_layer(x[:, t])
+                else:
+                    model.set_adapter(name)
+                    alone = layer(x[:, t])
+            torch.testing.assert_close(packed[:, t], alone, atol=ATOL, rtol=0)
 
 
-def test_bucketed_path_is_used_only_where_it_pays():
+def test_routing_errors_name_the_mismatch():
     model, base = _model()
-    layer = next(m for m in model.modules() if isinstance(m, AdapterLayer) and len(m.r) > 1)
-    x = torch.randn(3, 1, layer.in_features)
-    reusable, one_off = Routing(["a0", "a2", "a0"], reusable=True), Routing(["a0", "a2", "a0"])
-    with torch.no_grad():
-        assert layer.use_gathered(x, reusable) and not layer.use_gathered(x, one_off)
-        assert not layer.use_gathered(torch.randn(3, 64, layer.in_features), reusable)  # prefill: grouped
-    assert not layer.use_gathered(x, reusable)  # gradients on: stacks would not carry them
+    inputs = inputs_for(base, batch=2, seq=3)
+    with pytest.raises(lorakit.errors.RoutingError, match="3 entries but the batch has 2 rows"):
+        output_of(model, inputs, adapter_names=["a0", "a1", "a2"])
+    with pytest.raises(lorakit.errors.RoutingError, match="packed batch has 6 tokens"):
+        output_of(model, inputs, adapter_names=Routing(["a0"] * 5, per_token=True))
 
 
-def test_reused_routing_caches_stacks_once_and_stays_correct_across_steps():
+def test_banks_follow_to_deepcopy_and_dtype_changes():
     model, base = _model()
-    names = ["a2", "a0", "a4"]
-    routing = Routing(names, reusable=True)
-    inputs = inputs_for(base, batch=3, seq=1)
-    first = _run(model, inputs, routing)
-    cached = dict(routing._cache)
-    second = _run(model, inputs, routing)
-    assert torch.equal(first, second) and routing._cache.keys() == cached.keys()
-    assert all(routing._cache[k] is cached[k] for k in cached)  # built once, reused
+    names = ["a2", "a0", "a4", "a1"]
+    inputs = inputs_for(base, batch=4, seq=2)
+    before = _run(model, inputs, Routing(names))
+    twin = copy.deepcopy(model)
+    layers = [m for m in twin.modules() if isinstance(m, LoraLinear)]
+    assert all(layer.bank.is_tied(layer._bank_params()) for layer in layers)
+    with torch.no_grad():  # a step on the copy's parameters shows in its banks, not in the original's
+        for layer in (layer for layer in layers if layer.holds("a0")):
+            for param in layer.factors("a0"):
+                param.mul_(2)
+    torch.testing.assert_close(_run(model, inputs, Routing(names)), before, atol=0, rtol=0)
+    torch.testing.assert_close(_run(twin, inputs, Routing(names)), _run(twin, inputs, Routing(names, reference=True)),
+                               atol=ATOL, rtol=0)
+    twin.to(torch.float64)
+    assert all(layer.bank.is_tied(layer._bank_params()) for layer in layers)
+    assert all(bucket.a.dtype == torch.float64 for layer in layers for bucket in layer.bank.buckets.values())
 
 
-def test_a_bank_of_200_adapters_costs_only_their_own_weights():
+def test_a_bank_of_200_adapters_costs_their_weights_plus_little_slack():
     base = tiny_llama()
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=1, target_modules=["q_proj", "v_proj"]),
                                    adapter_name="t0")
-    layers_before = {name: id(m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    tree = [(name, type(m)) for name, m in model.named_modules()]
     for i in range(1, 200):
         model.add_adapter(f"t{i}", lorakit.LoraConfig(r=(1, 2, 4)[i % 3], target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
-    assert {name: id(m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)} == layers_before
+    assert [(name, type(m)) for name, m in model.named_modules()] == tree  # no module added
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
     adapter_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
     expected = sum(4 * (1, 2, 4)[i % 3] * (32 + 32 + 32 + 16) * 2 for i in range(1, 200)) + 4 * 1 * (64 + 48) * 2
     assert adapter_bytes == expected  # exactly A and B of every adapter, nothing duplicated
-    # and the model holds nothing else: the base tensors plus A and B per (adapter, layer)
-    assert len(model.state_dict()) == len(base.state_dict()) + 2 * 200 * len(layers_before)
+    assert len(model.state_dict()) == len(base.state_dict()) + 2 * 200 * len(layers)
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == base_bytes + adapter_bytes
+    bank_bytes = sum(layer.bank.bytes() for layer in layers)
+    assert adapter_bytes <= bank_bytes <= 1.10 * adapter_bytes  # the banks are the storage, ≤10% unused rows
 
     names = [f"t{i}" for i in range(200)]
     inputs = inputs_for(base, batch=200, seq=2)
@@ -111,5 +164,72 @@ def test_a_bank_of_200_adapters_costs_only_their_own_weights():
         width = alone.shape[1]  # a row that hit EOS alone stops; in the batch it is padded with 0
         assert torch.equal(mixed[row:row + 1, :width], alone) and not mixed[row, width:].any()
     model.delete_adapter("t57")
-    assert {name: id(m) for name, m in model.named_modules() if isinstance(m, AdapterLayer)} == layers_before
+    assert [(name, type(m)) for name, m in model.named_modules()] == tree
     assert not any(".t57." in n for n, _ in model.named_parameters())
+
+
+def _factors(model, name):
+    return [p for layer in model.base_model.adapter_layers() if name in layer.r for p in layer.factors(name)]
+
+
+def _swap_config(seed: int) -> lorakit.LoraConfig:
+    return lorakit.LoraConfig(r=(2, 4, 8)[seed % 3], lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+
+
+def test_hot_swap_under_load():
+    """One thread runs mixed forwards in a loop while another loads, replaces and deletes adapters.
+    No exception; every forward's rows equal their adapters alone, as they were when it started
+    (rebuilt from a snapshot taken under the same read lock); the module tree never changes."""
+    base = tiny_llama()
+    model = lorakit.get_peft_model(copy.deepcopy(base), _swap_config(0), adapter_name="keep").eval()
+    model.add_adapter("swap", _swap_config(1))
+    tree = [(name, id(m)) for name, m in model.named_modules()]
+    inputs = inputs_for(base, batch=4, seq=3)
+    seen, errors, stop = [], [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                with model.adapter_set.lock.reading():  # the forward below nests in this read
+                    names = ["keep", "swap" if "swap" in model.peft_config else "__base__", "__base__", "keep"]
+                    snapshot = {n: [t.clone() for t in _factors(model, n)] for n in set(names) - {"__base__"}}
+                    with torch.no_grad():
+                        seen.append((names, snapshot, output_of(model, inputs, adapter_names=names)))
+            except Exception as error:  # noqa: BLE001 - any exception fails the test below
+                errors.append(error)
+
+    def swap():
+        seed = 1
+        while not stop.is_set():
+            seed += 1
+            try:
+                model.delete_adapter("swap")
+                model.add_adapter("swap", _swap_config(seed))
+                model.add_adapter("other", _swap_config(seed + 1))
+                model.delete_adapter("other")
+            except Exception as error:  # noqa: BLE001
+                errors.append(error)
+
+    threads = [threading.Thread(target=serve), threading.Thread(target=swap)]
+    for thread in threads:
+        thread.start()
+    time.sleep(3)
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert len(seen) >= 5
+    assert [(name, id(m)) for name, m in model.named_modules()] == tree
+    versions = {tuple(snap["swap"][0].flatten()[:4].tolist()) for _, snap, _ in seen if "swap" in snap}
+    assert len(versions) >= 2  # the forwards really ran across replacements
+    for names, snapshot, mixed in seen[:: max(1, len(seen) // 6)]:
+        check = lorakit.get_peft_model(copy.deepcopy(base), _swap_config(0), adapter_name="keep").eval()
+        for name, tensors in snapshot.items():  # the adapters as they were, rebuilt
+            if name == "swap":
+                check.add_adapter("swap", _swap_config({2: 3, 4: 4, 8: 5}[tensors[0].shape[0]]))
+            with torch.no_grad():
+                for param, saved in zip(_factors(check, name), tensors, strict=True):
+                    param.copy_(saved)
+        for row, name in enumerate(names):
+            alone = _alone(check, {k: v[row:row + 1] for k, v in inputs.items()}, name)
+            torch.testing.assert_close(mixed[row:row + 1], alone, atol=ATOL, rtol=0)

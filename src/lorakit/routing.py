@@ -1,17 +1,22 @@
-"""Per-row adapter choice: which rows of a batch use which adapter.
+"""Per-row or per-token adapter choice: which rows (or tokens) of a batch use which adapter.
 
 `model(x, adapter_names=[...])` gives one adapter name per batch row (`"__base__"` for
-none). The model validates the names once, groups the rows once, and publishes that
-`Routing` through a context variable for the duration of the forward, so every adapted
-layer reuses the same grouping instead of re-deriving it (and HF model code, which calls
-our layers as `layer(x)`, needs no changes). A context variable, not a global, so threads
-serving different requests never see each other's routing.
+none); a packed batch (`[1, T]`, sequences laid end to end, as a paged continuous-batching
+engine builds it) gives one name per token instead (`per_token=True`). The model checks the
+names once and publishes the `Routing` through a context variable for the duration of the
+forward, so every adapted layer reads the same one (and HF model code, which calls our layers
+as `layer(x)`, needs no changes). A context variable, not a global, so threads serving
+different requests never see each other's routing.
 
-Measured (bench/mixed_batch.py, SmolLM2-135M, all-linear adapters): the per-group path is
-already dispatch-light for prefill (1.1x a single-adapter step); decode steps with one
-adapter per row are dispatch-bound, which the rank-bucketed bmm on a reused routing fixes
-(1.24x a single-adapter step). Sorting rows once per layer instead of gathering per group
-was tried and measured within noise of this path, so it is not kept.
+A routing is cheap to build and meant to be built fresh for every step (a continuous-batching
+engine changes the batch every step): layers work from the adapters' slots in their weight
+banks (methods/bank.py), and what a layer derives from a routing — token indices per rank
+bucket — is computed once per distinct bank layout and shared by every layer with that
+layout (all of them, for adapters that target the same modules with one rank).
+
+Everything is expressed over *entries*: the rows (per-row) or the tokens (per-token) the
+names are given for; an entry covers `tokens_per_entry` consecutive tokens of the flattened
+batch (the sequence length per row, or 1).
 """
 
 from __future__ import annotations
@@ -23,67 +28,88 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
+from lorakit.errors import RoutingError
+
 BASE_ADAPTER = "__base__"  # a row that uses no adapter
 
 
 class Routing:
-    """Rows grouped by adapter, computed once per batch and shared by every adapted layer.
+    """Entries grouped by adapter, computed once per batch and shared by every adapted layer.
 
-    Layers run a GEMM pair per adapter group on the gathered rows and scatter back with
-    `index_add_` (ranks never padded, B@A never formed). A routing reused for several forwards
-    (`reusable`, as in generate's decode steps) also lets Linear layers cache per-row weight
-    stacks and run one bmm pair per rank bucket instead (see layers/lora.py); `reference`
-    forces the plain per-group path, which the tests compare the bucketed one to.
+    `reference` forces every layer's plain path (a GEMM pair per adapter group), which the
+    tests compare the banked one to.
     """
 
-    def __init__(self, adapter_names: Sequence[str], reference: bool = False, reusable: bool = False):
+    def __init__(self, adapter_names: Sequence[str], per_token: bool = False, reference: bool = False):
         self.names = list(adapter_names)
+        self.per_token = per_token
         self.reference = reference
-        self.reusable = reusable
-        rows: dict[str, list[int]] = {}
+        entries: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
-            rows.setdefault(name, []).append(i)
-        self._rows = rows
-        self._cache: dict[tuple[str, torch.device], object] = {}
+            entries.setdefault(name, []).append(i)
+        self._entries = entries
+        self._cache: dict[object, object] = {}
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def _cached(self, key: str, device: torch.device, build):
-        if (key, device) not in self._cache:
-            self._cache[key, device] = build()
-        return self._cache[key, device]
+    def cached(self, key: object, build):
+        """Data derived from this routing (index tensors, a bank layout's plan), built once per batch."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
-    def groups(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """[(adapter name, row indices)] for every name but `__base__`, on `device`."""
-        return self._cached("groups", device, lambda: [
-            (name, torch.tensor(idx, dtype=torch.long, device=device))
-            for name, idx in self._rows.items() if name != BASE_ADAPTER
+    def adapters(self) -> list[str]:
+        """The adapters this batch uses (not `__base__`), in order of first use."""
+        return [name for name in self._entries if name != BASE_ADAPTER]
+
+    def token_indices(self, entries: Sequence[int], tokens_per_entry: int) -> list[int]:
+        if tokens_per_entry == 1:
+            return list(entries)
+        return [e * tokens_per_entry + t for e in entries for t in range(tokens_per_entry)]
+
+    def groups(self, device: torch.device, tokens_per_entry: int = 1) -> list[tuple[str, torch.Tensor]]:
+        """[(adapter name, token indices into the flattened batch)] for every adapter but `__base__`."""
+        return self.cached(("groups", device, tokens_per_entry), lambda: [
+            (name, torch.tensor(self.token_indices(idx, tokens_per_entry), dtype=torch.long, device=device))
+            for name, idx in self._entries.items() if name != BASE_ADAPTER
         ])
 
-    def rows_not_using(self, name: str, device: torch.device) -> torch.Tensor:
-        """Indices of the rows whose adapter is not `name` (`__base__` rows included), on `device`."""
-        return self._cached(f"not-{name}", device, lambda: torch.tensor(
-            [i for i, row_name in enumerate(self.names) if row_name != name], dtype=torch.long, device=device))
+    def rows(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        """[(adapter name, entry indices)]: `groups` over entries (rows of a per-row batch)."""
+        return self.groups(device, 1)
 
-    def cached_for(self, layer: object, device: torch.device, build):
-        """Per-layer data derived from this routing (e.g. stacked weights), built once per batch."""
-        return self._cached(f"layer-{id(layer)}", device, build)
+    def tokens_not_using(self, name: str, device: torch.device, tokens_per_entry: int = 1) -> torch.Tensor:
+        """Token indices of the entries whose adapter is not `name` (`__base__` included)."""
+        return self.cached(("not", name, device, tokens_per_entry), lambda: torch.tensor(
+            self.token_indices([i for i, n in enumerate(self.names) if n != name], tokens_per_entry),
+            dtype=torch.long, device=device))
+
+    def tokens_per_entry(self, rows: int, tokens: int) -> int:
+        """How many tokens of the flattened batch one entry covers, for a batch of `rows` rows holding
+        `tokens` tokens; raises RoutingError when the names do not fit the batch."""
+        if self.per_token:
+            if tokens != len(self.names):
+                raise RoutingError(f"adapter_names has {len(self.names)} entries but the packed batch has {tokens} "
+                                   "tokens; give one name per token (per_token=True).")
+            return 1
+        if rows != len(self.names):
+            raise RoutingError(f"adapter_names has {len(self.names)} entries but the batch has {rows} rows; "
+                               "give one name per row.")
+        return tokens // rows
 
 
 _current: ContextVar[Routing | None] = ContextVar("lorakit_routing", default=None)
 
 
 @contextmanager
-def adapter_routing(
-    adapter_names: Sequence[str] | Routing, reference: bool = False, reusable: bool = False
-) -> Iterator[Routing]:
-    """Publish a per-row routing to every adapted layer for the duration of the block
-    (a prebuilt Routing is reused as is, with what it has cached)."""
-    routing = adapter_names if isinstance(adapter_names, Routing) else Routing(adapter_names, reference, reusable)
+def adapter_routing(adapter_names: Sequence[str] | Routing, reference: bool = False,
+                    per_token: bool = False) -> Iterator[Routing]:
+    """Publish a routing to every adapted layer for the duration of the block."""
+    routing = adapter_names if isinstance(adapter_names, Routing) else Routing(adapter_names, per_token, reference)
     token = _current.set(routing)
     try:
-        yield _current.get()
+        yield routing
     finally:
         _current.reset(token)
 

@@ -1,30 +1,42 @@
-"""`LoraModel`: the surgery on a model's module tree — put adapted layers in, take them out.
+"""`LoraModel`: the model's module tree with adapters in it — wrapping, and what runs over every layer.
 
 It holds the user's model as `.model` (so parameter names read
-`base_model.model.<module path>…`, exactly PEFT's) and knows nothing about which adapter
-is active or trainable: that policy lives in `PeftModel`. Every check that can fail runs
-before the first module is replaced, so a bad config leaves the model untouched.
+`base_model.model.<module path>…`, exactly PEFT's) and the model's `AdapterSet`, which
+every layer it wraps shares. Modules are wrapped once, when an adapter first targets them
+(or up front: `reserve`); after that, adding and deleting adapters writes into the layers'
+weight banks and never changes the tree — deleting the last adapter of a layer leaves it
+wrapped (as PEFT does). Only `unwrap` (merge_and_unload / unload) takes wrappers out.
+Every check that can fail runs before the first module is replaced, so a bad config leaves
+the model untouched.
+
+Also here, because they walk every layer: merging all-or-nothing, and which parameters train.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
-from lorakit.errors import ConfigError
-from lorakit.files.tensors import LoadPlan
-from lorakit.methods import inner_module
+from lorakit.adapters import AdapterSet
+from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.files.tensors import LoadPlan, apply_biases
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 from lorakit.methods.registry import method_of, method_of_layer
+from lorakit.routing import Routing, adapter_routing, gradient_checkpointing_on
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 
 class LoraModel(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, adapter_set: AdapterSet):
         super().__init__()
         self.model = model
+        self.adapter_set = adapter_set
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -33,7 +45,7 @@ class LoraModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name in ("model", "adapter_set"):
                 raise
             return getattr(self.model, name)
 
@@ -52,18 +64,30 @@ class LoraModel(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
 
     # -- in ----------------------------------------------------------------------------------
-    def inject(self, config: Any, adapter_name: str, plan: LoadPlan | None = None) -> None:
-        """Add adapter `adapter_name` to every module `config` targets (validated first).
-
-        With a `plan` (a checked adapter file), layers take its tensors instead of an init.
-        The method (methods/registry.py) wraps modules and adds the adapter; this only walks the tree.
-        """
-        method = method_of(config)
+    def _targets(self, config: Any, plan: LoadPlan | None) -> tuple[list[str], list[str]]:
         if plan is not None:  # already resolved and checked against this model
-            targets, to_save = list(plan.layers), list(plan.saved_modules)
-        else:
-            targets = find_target_modules(self.model, config)
-            to_save = find_modules_to_save(self.model, config.modules_to_save or [])
+            return list(plan.layers), list(plan.saved_modules)
+        return (find_target_modules(self.model, config),
+                find_modules_to_save(self.model, config.modules_to_save or []))
+
+    def unwrapped_targets(self, config: Any, plan: LoadPlan | None = None) -> list[str]:
+        """The modules `config` targets that are not wrapped yet (adding it would change the tree)."""
+        targets, to_save = self._targets(config, plan)
+        modules = dict(named_candidates(self.model))
+        return ([n for n in targets if not isinstance(modules[n], AdapterLayer)]
+                + [n for n in to_save if not isinstance(modules[n], ModulesToSaveWrapper)])
+
+    def reserve(self, config: Any) -> list[str]:
+        """Wrap every module `config` targets now, adding no adapter (returns the newly wrapped ones)."""
+        targets, _ = self._targets(config, None)
+        fresh = self._wrap(config, targets)
+        for name, layer in fresh.items():
+            self._replace(name, layer)
+        return list(fresh)
+
+    def _wrap(self, config: Any, targets: list[str]) -> dict[str, AdapterLayer]:
+        """New layers for the targets not wrapped yet; checks first, changes nothing."""
+        method = method_of(config)
         modules = dict(named_candidates(self.model))
         taken = [n for n in targets if isinstance(modules[n], AdapterLayer) and method_of_layer(modules[n]) is not method]
         if taken:
@@ -71,26 +95,63 @@ class LoraModel(nn.Module):
                               f"method's adapters. Leave it out of this {config.peft_type} adapter's target_modules.")
         method.check_targets(modules, targets, config)
         fresh = {n: method.new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
+        for layer in fresh.values():
+            layer.adapter_set = self.adapter_set
+        return fresh
+
+    def install(self, adapter_name: str, config: Any, plan: LoadPlan | None = None) -> None:
+        """Add a resolved config's adapter (with a checked file's tensors, if `plan`) under the set's write
+        lock. Wrapping new modules changes the tree, so that is refused while a forward is running."""
+        adapters = self.adapter_set
+        new_modules = self.unwrapped_targets(config, plan)
+        if new_modules and adapters.configs and adapters.lock.busy():
+            raise AdapterStateError(
+                f"Adapter {adapter_name!r} targets modules not wrapped yet ({', '.join(new_modules[:3])}"
+                f"{', …' if len(new_modules) > 3 else ''}); wrapping them changes the module tree, which cannot happen "
+                "while a forward is running. Load it when the model is idle, or wrap its targets up front with "
+                "model.reserve_targets(config)."
+            )
+        with adapters.lock.writing():
+            first = not adapters.configs
+            self.inject(config, adapter_name, plan)
+            if plan is not None and plan.biases:
+                apply_biases(self.model, plan.biases)
+            adapters.add(adapter_name, config)
+            if first:  # freeze once, at wrap time: later adds leave what the user unfroze alone
+                adapters.active = [adapter_name]
+                self.freeze_base([config.bias] if adapters.trainable() else [])
+                self.set_trainable([adapter_name], adapters.trainable())
+            else:  # a new adapter is inactive, so it does not train (its saved-module copies start frozen)
+                self.set_requires_grad([adapter_name], False)
+
+    def inject(self, config: Any, adapter_name: str, plan: LoadPlan | None = None) -> None:
+        """Add adapter `adapter_name` to every module `config` targets (validated first).
+
+        With a `plan` (a checked adapter file), layers take its tensors instead of an init.
+        The method (methods/registry.py) wraps modules and adds the adapter; this only walks the tree.
+        """
+        method = method_of(config)
+        targets, to_save = self._targets(config, plan)
+        fresh = self._wrap(config, targets)
+        modules = dict(named_candidates(self.model))
         for name in targets:  # from here on nothing raises on a config error
-            layer = fresh[name] if name in fresh else modules[name]
+            layer = fresh.get(name, modules[name])
             method.add_adapter(layer, adapter_name, config, name, plan.layers[name] if plan else None)
             if name in fresh:
                 self._replace(name, layer)
         for name in to_save:
             wrapper = modules[name]
             if not isinstance(wrapper, ModulesToSaveWrapper):
-                wrapper = ModulesToSaveWrapper(wrapper)
+                wrapper = ModulesToSaveWrapper(wrapper, self.adapter_set)
                 self._replace(name, wrapper)
             wrapper.update(adapter_name, plan.saved_modules[name] if plan else None)
 
     # -- out ---------------------------------------------------------------------------------
     def remove_adapter(self, adapter_name: str) -> None:
-        """Drop one adapter; a layer left with no adapter is unwrapped, so the tree is as before."""
-        for name, module in list(named_candidates(self.model)):
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) and adapter_name in module.adapters:
+        """Drop one adapter from every layer; the layers stay wrapped (the tree does not change)."""
+        for module in self.tuner_modules():
+            if adapter_name in module.adapters:
                 module.delete_adapter(adapter_name)
-                if not module.adapters:
-                    self._replace(name, inner_module(module))
 
     def unwrap(self, keep_trained_copies: bool) -> nn.Module:
         """Replace every wrapper by what it wraps; return the plain model.
@@ -111,3 +172,73 @@ class LoraModel(nn.Module):
     def _replace(self, name: str, new: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, new)
+
+    # -- across every layer -------------------------------------------------------------------
+    def merged_names(self) -> set[str]:
+        """Adapters merged into the weights of at least one layer."""
+        return {name for layer in self.adapter_layers() for name in layer.merged_adapters}
+
+    def merge(self, names: Sequence[str], safe_merge: bool, allow_quantized: bool) -> None:
+        """Fold `names` into the base weights: every check on every layer before the first weight changes."""
+        layers = self.adapter_layers()
+        for layer in layers:
+            layer.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)
+        lost = [share for layer in layers
+                if (share := layer.merge(names, checked=True, allow_quantized=allow_quantized)) is not None]
+        if lost:
+            warnings.warn(
+                f"Merged into {len(lost)} quantized layers by dequantize -> merge -> requantize: the requantized "
+                f"weights miss W+ΔW by {sum(lost) / len(lost):.1%} of the adapter's update ΔW on average "
+                f"(worst {max(lost):.1%}). That error is now baked into the model; for a faithful merge use "
+                "`lorakit merge` with a full-precision base.",
+                stacklevel=4,
+            )
+
+    def unmerge(self) -> None:
+        for layer in self.adapter_layers():
+            layer.unmerge()
+
+    def set_trainable(self, names: Sequence[str], trainable: bool) -> None:
+        """Only `names`' parameters require grad (and only if `trainable`); others are frozen."""
+        for module in self.tuner_modules():
+            module.set_trainable(names, trainable)
+
+    def set_requires_grad(self, names: Sequence[str], requires_grad: bool) -> None:
+        for module in self.tuner_modules():
+            for name in names:
+                if name in module.adapters:
+                    module.set_requires_grad(name, requires_grad)
+
+    @contextmanager
+    def running(self, adapter_names: Sequence[str] | Routing | None) -> Iterator[None]:
+        """A forward's context: the set's read lock and, with `adapter_names` (one per row, or a
+        per-token `Routing`), that routing, checked."""
+        with self.adapter_set.lock.reading():
+            if adapter_names is None:
+                yield
+                return
+            routing = self.adapter_set.routing(adapter_names)
+            if self.merged_names():
+                raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
+            if torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
+                # Checkpointed blocks are re-run in backward, after this forward's routing is gone:
+                # they would recompute with the active adapter and give wrong gradients.
+                raise AdapterStateError(
+                    "Per-row adapter_names with gradient checkpointing is not supported yet; disable checkpointing "
+                    "or run the forward under torch.no_grad()."
+                )
+            with adapter_routing(routing):
+                yield
+
+    def freeze_base(self, bias_rules: Sequence[str]) -> None:
+        """Freeze everything but adapters and saved-module copies; then apply the bias rules
+        ("all": every bias trains, "lora_only": the biases of adapted layers)."""
+        self.model.requires_grad_(False)
+        if "all" in bias_rules:
+            for pname, param in self.model.named_parameters():
+                if pname == "bias" or pname.endswith(".bias"):
+                    param.requires_grad_(True)
+        if "lora_only" in bias_rules:
+            for layer in self.adapter_layers():
+                if layer.bias is not None:
+                    layer.bias.requires_grad_(True)

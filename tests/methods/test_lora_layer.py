@@ -12,7 +12,8 @@ from transformers.pytorch_utils import Conv1D
 
 import lorakit
 from conftest import VOCAB, inputs_for, output_of, tiny_gpt2, tiny_llama
-from lorakit.methods.lora.layer import LoraEmbedding, LoraLinear
+from lorakit.methods.lora.embedding import LoraEmbedding
+from lorakit.methods.lora.layer import LoraLinear
 
 ATOL = 1e-5
 

@@ -124,7 +124,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_adapter(directory: Path, config: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write one adapter directory atomically (see the module docstring)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # A copy: live adapter tensors are views of one bank (methods/bank.py), and safetensors refuses shared storage.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     metadata = {"format": "pt", "lorakit.format_version": FORMAT_VERSION, **metadata, DIGEST_KEY: config_digest(config)}
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
     config_dict = {**config.to_dict(), "inference_mode": True}  # as PEFT saves it

@@ -8,6 +8,11 @@ which are merged, and the three ways to run:
     y = base(x)                                              (adapters disabled)
     y[i] = base(x)[i] + Δ_{names[i]}(x[i])                   (per-row adapter choice)
 
+Which adapters are active, whether adapters are disabled and whether the fast path is on
+are not this layer's flags: they are the state of the model's `AdapterSet` (adapters.py),
+which every layer of a model shares (`self.adapter_set`); a layer built on its own gets a
+set of its own. A per-row or per-token choice comes with the call (routing.py).
+
 Subclasses (one per method) supply the maths: `adapter_output(x, name, result)` = Δ(x), `delta_weight(name)` =
 ΔW in the base weight's own layout, and `merged_weight` where a merge is not W + ΔW (DoRA).
 The base layer is only ever
@@ -23,7 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.errors import AdapterStateError, MergeError, RoutingError
+from lorakit.adapters import AdapterSet
+from lorakit.errors import AdapterStateError, MergeError
 from lorakit.quant import float_weight, keep_training_layout, quant_kind, requantize_like
 from lorakit.routing import Routing, current_routing
 
@@ -37,16 +43,33 @@ class AdapterLayer(nn.Module):
     """Base of every adapted layer; holds per-adapter scalars and the merge/route logic."""
 
     peft_type: str  # which method (methods/registry.py) this layer belongs to, e.g. "LORA"
+    input_feature_dims = 1  # trailing input dims of one token (1 for a linear layer, 0 for an embedding's ids)
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_layer: nn.Module, adapter_set: AdapterSet | None = None):
         super().__init__()
         self.base_layer = base_layer
-        self.active_adapters: list[str] = []
+        self.adapter_set = adapter_set if adapter_set is not None else AdapterSet()
         self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
-        self.disable_adapters = False
         self.merged_into_quantized = False  # a requantizing merge cannot be undone
-        self.fused = True  # use `fused_forward` where it applies; False: the plain reference path
         self.base_is_4bit = quant_kind(getattr(base_layer, "weight", None)) == "4bit"
+
+    # The call state, read from the shared adapter set (PEFT's attribute names).
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.adapter_set.active
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.adapter_set.disabled
+
+    @disable_adapters.setter
+    def disable_adapters(self, value: bool) -> None:
+        self.adapter_set.disabled = value
+
+    @property
+    def fused(self) -> bool:
+        """Whether `fused_forward` may run (the model's fast path); False: the plain reference path."""
+        return self.adapter_set.fast_path
 
     # HF model code sometimes reads these straight off a submodule (tied embeddings, T5).
     @property
@@ -91,13 +114,19 @@ class AdapterLayer(nn.Module):
         """What adapter `name` took out of the base layer's output for input x (see above)."""
         raise NotImplementedError
 
-    def use_gathered(self, x: torch.Tensor, routing: Routing) -> bool:
-        """Whether to run a batched GEMM per rank bucket instead of a GEMM pair per adapter (see lora.py)."""
-        return False
+    def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> set[str]:
+        """Add into `out` (tokens, out) the deltas of the routed adapters this layer can run from its
+        weight banks in one batched op per bucket (x: (tokens, …)); return the names it handled.
+        Called only under no_grad, outside dropout, unless the routing asks for the reference path."""
+        return set()
 
-    def adapter_containers(self) -> Iterable[nn.ModuleDict | nn.ParameterDict]:
-        """The dicts keyed by adapter name that hold this layer's adapter modules/params."""
+    def adapter_containers(self) -> Iterable[nn.Module]:
+        """The `AdapterWeights` (methods/bank.py) keyed by adapter name that hold this layer's parameters."""
         raise NotImplementedError
+
+    def training_dropout(self) -> bool:
+        """Whether a forward now would drop inputs (the banked path has no dropout)."""
+        return False
 
     def active_output(self, x: torch.Tensor, names: Sequence[str], *args, **kwargs) -> torch.Tensor:
         """The output with adapters `names` applied: base(x) + Σ Δ_name(x) (stacking); a method whose
@@ -126,22 +155,24 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         for container in self.adapter_containers():
             if name in container:
-                item = container[name]
-                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+                yield container.param(name)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterStateError(f"Adapter {name!r} is merged; unmerge it before deleting it.")
         for container in self.adapter_containers():
-            if name in container:
-                del container[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+            container.remove(name)
 
     def set_adapter(self, names: Sequence[str], trainable: bool) -> None:
-        """Activate `names` (stacked); only active adapters' parameters require grad."""
-        self.active_adapters = list(names)
+        """Activate `names` (stacked) in this layer's set; only active adapters' parameters require grad
+        (a layer used on its own; a model sets its whole set at once)."""
+        self.adapter_set.active = list(names)
+        self.set_trainable(names, trainable)
+
+    def set_trainable(self, names: Sequence[str], trainable: bool) -> None:
+        """Only `names`' parameters require grad here (and only if `trainable`)."""
         for name in self.adapters:
-            self.set_requires_grad(name, trainable and name in self.active_adapters)
+            self.set_requires_grad(name, trainable and name in names)
 
     def set_requires_grad(self, name: str, requires_grad: bool) -> None:
         for param in self.adapter_parameters(name):
@@ -160,7 +191,7 @@ class AdapterLayer(nn.Module):
             warnings.warn("A 4-bit base layer had been repacked for bitsandbytes' CPU inference kernel, which has no "
                           "backward; it was converted back (best effort) before this gradient-enabled forward. "
                           "Make adapters trainable before evaluating to avoid the repacking.", stacklevel=2)
-        if self.disable_adapters:
+        if self.adapter_set.disabled:
             if self.merged_adapters:
                 raise AdapterStateError("Adapters are merged into the weights; unmerge them before disabling.")
             return self._give_back(x, self.base_layer(x, *args, **kwargs), using=())
@@ -181,28 +212,29 @@ class AdapterLayer(nn.Module):
         return result
 
     def _routed_forward(self, x: torch.Tensor, routing: Routing, *args, **kwargs) -> torch.Tensor:
-        if len(routing) != x.shape[0]:
-            raise RoutingError(
-                f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows; give one name per row."
-            )
+        """Each entry (row, or token of a packed batch) with its own adapter. Works on the batch
+        flattened to tokens: `out` is a view of the base output, updated in place."""
         if self.merged_adapters:
             raise AdapterStateError(
                 f"Adapters {self.merged_adapters} are merged into the weights, so rows cannot choose adapters; "
                 "call unmerge_adapter() first."
             )
-        result = self.base_layer(x, *args, **kwargs)
-        if not routing.reference and self.use_gathered(x, routing):
-            for rows, weights in self.gathered_weights(routing, x.device):
-                result.index_add_(0, rows, self.gathered_output(x.index_select(0, rows), weights).to(result.dtype))
-        else:
-            for name, rows in routing.groups(x.device):  # the plain path: a GEMM pair per adapter group
-                if self.holds(name):  # this layer may not be targeted by every adapter
-                    delta = self.adapter_output(x.index_select(0, rows), name, result.index_select(0, rows))
-                    result.index_add_(0, rows, delta.to(result.dtype))
-        for name in self.withheld_adapters():  # rows of other adapters and __base__ get the original base
-            rows = routing.rows_not_using(name, x.device)
-            if len(rows):
-                result.index_add_(0, rows, self.withheld_output(x.index_select(0, rows), name).to(result.dtype))
+        feature_shape = x.shape[x.dim() - self.input_feature_dims:]
+        flat_x = x.reshape(-1, *feature_shape)
+        per_entry = routing.tokens_per_entry(x.shape[0], flat_x.shape[0])
+        result = self.base_layer(x, *args, **kwargs).contiguous()
+        out = result.view(flat_x.shape[0], -1)
+        handled: set[str] = set()
+        if not routing.reference and not torch.is_grad_enabled() and not self.training_dropout():
+            handled = self.banked_output(flat_x, out, routing, per_entry)
+        for name, tokens in routing.groups(x.device, per_entry):  # the plain path: a GEMM pair per adapter group
+            if self.holds(name) and name not in handled:  # this layer may not be targeted by every adapter
+                delta = self.adapter_output(flat_x.index_select(0, tokens), name, out.index_select(0, tokens))
+                out.index_add_(0, tokens, delta.to(out.dtype))
+        for name in self.withheld_adapters():  # entries of other adapters and __base__ get the original base
+            tokens = routing.tokens_not_using(name, x.device, per_entry)
+            if len(tokens):
+                out.index_add_(0, tokens, self.withheld_output(flat_x.index_select(0, tokens), name).to(out.dtype))
         return result
 
     # -- merge -----------------------------------------------------------------------------

@@ -55,5 +55,10 @@ class AdapterMethod(Protocol):
         """(tensors, config) of an adapter re-expressed for the original base, given the tensors it was
         initialised with (PiSSA/OLoRA take part of W; PEFT's `path_initial_model_for_weight_conversion`)."""
 
+    def add_weighted_adapter(self, model: Any, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str, svd_rank: int | None) -> None:
+        """Blend `adapters` (this method's) into a new adapter on `model`, or raise ConfigError if the
+        method cannot blend (PEFT's `add_weighted_adapter`)."""
+
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """For `lorakit inspect`: {"target_modules": [...], "ranks": {rank: count}} of a file's tensors."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.base_layers import linear_features
+from lorakit.methods.bank import AdapterWeights
 from lorakit.methods.base_layer import AdapterLayer
 
 
@@ -30,7 +31,7 @@ class IA3Linear(AdapterLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features, self.weight_transposed = linear_features(base_layer)
         self.is_feedforward = False  # fixed by the first adapter's config (as PEFT fixes it at wrap time)
-        self.ia3_l = nn.ParameterDict()
+        self.ia3_l = AdapterWeights(suffix="")  # adding an adapter adds no module (bank.py)
 
     @property
     def adapters(self) -> list[str]:
@@ -39,7 +40,7 @@ class IA3Linear(AdapterLayer):
     def holds(self, name: str) -> bool:
         return name in self.ia3_l
 
-    def adapter_containers(self) -> Iterable[nn.ParameterDict]:
+    def adapter_containers(self) -> Iterable[AdapterWeights]:
         return (self.ia3_l,)
 
     def update_layer(self, name: str, init_ia3_weights: bool = True, weight: torch.Tensor | None = None) -> None:
@@ -47,7 +48,7 @@ class IA3Linear(AdapterLayer):
         device = self.base_layer.weight.device
         if weight is None:
             weight = torch.ones(shape, device=device) if init_ia3_weights else torch.randn(shape, device=device)
-        self.ia3_l[name] = nn.Parameter(weight.to(device))
+        self.ia3_l.set(name, nn.Parameter(weight.to(device)))
 
     def scaling(self, names: Sequence[str]) -> torch.Tensor | float:
         """The product of these adapters' vectors, flattened (in or out features)."""

@@ -73,6 +73,10 @@ class IA3Method:
         raise ConfigError("(IA)³ adapters take nothing out of the base weight; save them without "
                           "path_initial_model_for_weight_conversion.")
 
+    def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
+        raise ConfigError(f"Adapters {adapters} are not LoRA adapters (IA3); add_weighted_adapter blends LoRA adapters, "
+                          "as in PEFT. Stack IA3 adapters instead: set_adapter([...]) multiplies their vectors.")
+
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict:
         return {"target_modules": sorted(key.rsplit(".ia3_l", 1)[0] for key in tensors if key.endswith(".ia3_l")),
                 "ranks": {}}

@@ -28,7 +28,6 @@ import torch
 from lorakit.errors import AdapterNameError, ConfigError
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.lora.layer import LoraEmbedding
 from lorakit.targets import named_candidates
 
 COMBINATIONS = ("linear", "cat", "svd")
@@ -40,8 +39,8 @@ def add_weighted_adapter(
 ) -> None:
     """Create `adapter_name` from `adapters` blended with `weights` (see the module docstring)."""
     adapters, weights = list(adapters), [float(w) for w in weights]
-    model._check_known(adapters)
-    model._check_new_name(adapter_name)
+    model.adapter_set.check_known(adapters)
+    model.adapter_set.check_new_name(adapter_name)
     if not adapters or len(adapters) != len(weights):
         raise ConfigError(f"Give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights.")
     if combination_type not in COMBINATIONS:
@@ -75,7 +74,7 @@ def add_weighted_adapter(
         for layer in model.base_model.adapter_layers():
             if adapter_name in layer.r:
                 a, b = _blend(layer, adapters, weights, combination_type, new_rank)
-                target_a, target_b = _factors(layer, adapter_name)
+                target_a, target_b = layer.factors(adapter_name)
                 target_a.zero_()
                 target_b.zero_()
                 target_a[: a.shape[0], :] = a
@@ -89,24 +88,17 @@ def add_weighted_adapter(
             param.requires_grad_(False)
 
 
-def _factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) parameters of one adapter: A is (r, in) and B is (out, r) for every layer kind."""
-    if isinstance(layer, LoraEmbedding):
-        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    return layer.lora_A[name].weight, layer.lora_B[name].weight
-
-
 def _blend(layer: AdapterLayer, adapters, weights, combination_type: str, new_rank: int):
     present = [(n, w) for n, w in zip(adapters, weights, strict=True) if n in layer.r]
     if combination_type == "cat":
-        parts = [(_factors(layer, n)[0] * w * layer.scaling[n], _factors(layer, n)[1]) for n, w in present]
+        parts = [(layer.factors(n)[0] * w * layer.scaling[n], layer.factors(n)[1]) for n, w in present]
         return torch.cat([a for a, _ in parts], dim=0), torch.cat([b for _, b in parts], dim=1)
     if combination_type == "linear":
         a = b = 0
         for n, w in present:
             ws = w * layer.scaling[n]
-            a = a + math.copysign(math.sqrt(abs(ws)), ws) * _factors(layer, n)[0]
-            b = b + math.sqrt(abs(ws)) * _factors(layer, n)[1]
+            a = a + math.copysign(math.sqrt(abs(ws)), ws) * layer.factors(n)[0]
+            b = b + math.sqrt(abs(ws)) * layer.factors(n)[1]
         return a, b
     delta = sum(w * layer.delta_weight(n) for n, w in present)  # in the base weight's layout
     if layer.weight_transposed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.methods.lora.layer import LoraEmbedding
+from lorakit.methods.lora.embedding import LoraEmbedding
 
 
 def create_loraplus_optimizer(

@@ -19,9 +19,11 @@ from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
 from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.lora.blend import add_weighted_adapter
 from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.lora.embedding import LoraEmbedding
 from lorakit.methods.lora.init import convert_weight_init, is_weight_init
-from lorakit.methods.lora.layer import LoraEmbedding, LoraLinear
+from lorakit.methods.lora.layer import LoraLinear
 
 A_NAMES = ("lora_A.weight", "lora_embedding_A")
 
@@ -77,13 +79,14 @@ class LoraMethod:
         return shapes
 
     def tensors_of(self, layer: AdapterLayer, name: str) -> dict[str, torch.Tensor]:
-        if isinstance(layer, LoraEmbedding):
-            out = {"lora_embedding_A": layer.lora_embedding_A[name], "lora_embedding_B": layer.lora_embedding_B[name]}
-        else:
-            out = {"lora_A.weight": layer.lora_A[name].weight, "lora_B.weight": layer.lora_B[name].weight}
+        suffix = "" if isinstance(layer, LoraEmbedding) else ".weight"
+        out = {f"{attr}{suffix}": factor for attr, factor in zip(layer.factor_names, layer.factors(name), strict=True)}
         if name in layer.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+            out["lora_magnitude_vector"] = layer.lora_magnitude_vector.param(name)
         return out
+
+    def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
+        add_weighted_adapter(model, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def mismatch_hint(self, found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
                       config: LoraConfig, module_name: str) -> str | None:

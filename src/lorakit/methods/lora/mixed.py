@@ -1,0 +1,94 @@
+"""Mixed batches from the weight banks: one batched GEMM pair per rank bucket, for a routing built fresh.
+
+With many adapters in one batch, a GEMM pair per adapter is all dispatch overhead (decode:
+one token per row, 32 adapters × 210 layers × ~7 ops). Instead, per rank bucket of a
+layer's bank (methods/bank.py; ranks are never padded to another rank):
+
+    X: (n, L, in)   the tokens of each used bank row, gathered and padded to L tokens
+    h = bmm(X, Aᵀ)                    (n, L, r)     A: the bank's rows (n, r, in)
+    h *= s · mask                     scaling per row, 0 for padding
+    Δ = bmm(h, Bᵀ)                    (n, L, out)   B: (n, out, r)
+    out.index_add_(tokens, Δ)
+
+The same code serves decode (L = tokens of one row) and prefill (L = all tokens of one
+adapter's rows), per-row and per-token routings. A, B come from the bank without a copy
+when the used rows are dense (`narrow`: a slice of the bank, unused rows padded), and by one
+`index_select` otherwise — never by stacking per-adapter tensors, which is what made the
+previous version slower than the per-group path for a routing used only once.
+
+The token indices, row ranges and scale masks (`BucketPlan`) depend only on the routing and
+on the layer's bank layout, so they are built once per step per distinct layout and shared by
+every layer with that layout (`Routing.cached`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.methods.bank import Key, Layout, SlotBank
+from lorakit.routing import Routing
+
+
+@dataclass
+class BucketPlan:
+    key: Key
+    tokens: torch.Tensor  # (n·L,) token indices into the flattened batch (padding → token 0)
+    scale: torch.Tensor  # (n, L, 1) the row's scaling, 0 where padded
+    rows: slice | torch.Tensor  # bank rows: a slice (no copy) or indices for index_select
+    length: int  # L
+
+
+def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, device: torch.device,
+          dtypes: dict[Key, torch.dtype]) -> tuple[list[BucketPlan], frozenset[int]]:
+    """Group the routed tokens by (bucket, bank row); returns the plans and the slots they cover."""
+    by_bucket: dict[Key, dict[int, list[int]]] = {}
+    covered = set()
+    for entry, slot in enumerate(slots):
+        spot = layout.entries.get(slot)
+        if spot is None or not spot.banked:
+            continue
+        covered.add(slot)
+        tokens = by_bucket.setdefault(spot.key, {}).setdefault(spot.row, [])
+        tokens.extend(range(entry * per_entry, (entry + 1) * per_entry))
+    plans = []
+    for key, rows in by_bucket.items():
+        scaling = {e.row: e.scaling for e in layout.entries.values() if e.key == key}
+        used = sorted(rows)
+        low, high = used[0], used[-1] + 1
+        dense = high - low <= 2 * len(used)  # reading a few unused rows beats copying the used ones
+        order = list(range(low, high)) if dense else used
+        length = max(len(t) for t in rows.values())
+        index, scale = [], []
+        for row in order:
+            tokens = rows.get(row, [])
+            pad = length - len(tokens)
+            index += tokens + [0] * pad
+            scale += [scaling[row]] * len(tokens) + [0.0] * pad
+        plans.append(BucketPlan(
+            key, torch.tensor(index, dtype=torch.long, device=device),
+            torch.tensor(scale, dtype=dtypes[key], device=device).view(len(order), length, 1),
+            slice(low, high) if dense else torch.tensor(order, dtype=torch.long, device=device), length,
+        ))
+    return plans, frozenset(covered)
+
+
+def banked_delta(bank: SlotBank, x: torch.Tensor, out: torch.Tensor, routing: Routing, slots: list[int],
+                 per_entry: int) -> frozenset[int]:
+    """Add Δ of every banked adapter the routing uses into `out` (tokens, out); return their slots."""
+    device = x.device
+    dtypes = {key: bucket.a.dtype for key, bucket in bank.buckets.items()}
+    plans, covered = routing.cached(("bank", bank.layout, per_entry, device),
+                                    lambda: _plan(routing, slots, bank.layout, per_entry, device, dtypes))
+    for plan in plans:
+        bucket = bank.buckets[plan.key]
+        if isinstance(plan.rows, slice):
+            a, b = bucket.a[plan.rows], bucket.b[plan.rows]
+        else:
+            a, b = bucket.a.index_select(0, plan.rows), bucket.b.index_select(0, plan.rows)
+        x_rows = x.index_select(0, plan.tokens).view(a.shape[0], plan.length, -1).to(a.dtype)
+        h = torch.bmm(x_rows, a.transpose(1, 2)).mul_(plan.scale)
+        delta = torch.bmm(h, b.transpose(1, 2))
+        out.index_add_(0, plan.tokens, delta.view(-1, delta.shape[-1]).to(out.dtype))
+    return covered
