@@ -104,6 +104,7 @@ class AdapterSet:
         self.active: list[str] = []
         self.disabled = False  # PEFT's disable_adapter(): run the base model
         self.fast_path = True  # fused LoRA op and the loss without full logits, where they apply
+        self.merged: set[str] = set()  # merged into the base weights through the model (tuner.merge)
         self.lock = ReadWriteLock()
 
     # A lock cannot be copied or pickled; a copied model gets a fresh one (and its own set).

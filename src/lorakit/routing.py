@@ -61,23 +61,19 @@ class Routing:
 
     def adapters(self) -> list[str]:
         """The adapters this batch uses (not `__base__`), in order of first use."""
-        return [name for name in self._entries if name != BASE_ADAPTER]
+        return self.cached("adapters", lambda: [name for name in self._entries if name != BASE_ADAPTER])
 
     def token_indices(self, entries: Sequence[int], tokens_per_entry: int) -> list[int]:
         if tokens_per_entry == 1:
             return list(entries)
         return [e * tokens_per_entry + t for e in entries for t in range(tokens_per_entry)]
 
-    def groups(self, device: torch.device, tokens_per_entry: int = 1) -> list[tuple[str, torch.Tensor]]:
-        """[(adapter name, token indices into the flattened batch)] for every adapter but `__base__`."""
-        return self.cached(("groups", device, tokens_per_entry), lambda: [
-            (name, torch.tensor(self.token_indices(idx, tokens_per_entry), dtype=torch.long, device=device))
+    def groups(self, device: torch.device, tokens_per_entry: int = 1) -> dict[str, torch.Tensor]:
+        """{adapter name: token indices into the flattened batch} for every adapter but `__base__`."""
+        return self.cached(("groups", device, tokens_per_entry), lambda: {
+            name: torch.tensor(self.token_indices(idx, tokens_per_entry), dtype=torch.long, device=device)
             for name, idx in self._entries.items() if name != BASE_ADAPTER
-        ])
-
-    def rows(self, device: torch.device) -> list[tuple[str, torch.Tensor]]:
-        """[(adapter name, entry indices)]: `groups` over entries (rows of a per-row batch)."""
-        return self.groups(device, 1)
+        })
 
     def tokens_not_using(self, name: str, device: torch.device, tokens_per_entry: int = 1) -> torch.Tensor:
         """Token indices of the entries whose adapter is not `name` (`__base__` included)."""

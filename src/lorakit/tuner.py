@@ -25,6 +25,7 @@ from torch import nn
 from lorakit.adapters import AdapterSet
 from lorakit.errors import AdapterStateError, ConfigError
 from lorakit.files.tensors import LoadPlan, apply_biases
+from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 from lorakit.methods.registry import method_of, method_of_layer
@@ -38,8 +39,26 @@ class LoraModel(nn.Module):
         self.model = model
         self.adapter_set = adapter_set
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        """The wrapped model's forward. A causal LM's training call (labels, grad on, train mode) takes the
+        fast path's loss (fused_loss.py: no full logits, so `logits` is None) unless the fast path is off.
+        The first input goes positionally, so a plain `nn.Module` base still gets `model(x)`."""
+        if self.adapter_set.fast_path and fused_loss_applies(self.model, labels, kwargs):
+            return causal_lm_loss_forward(self.model, input_ids, labels, kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.model(*((input_ids,) if input_ids is not None else ()), **kwargs)
+
+    def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
+        """The wrapped model's generate under one routing for every step (each row repeated for beams
+        and returned sequences, as generate repeats the rows)."""
+        if adapter_names is not None:
+            config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+            beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+            returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+            adapter_names = [n for n in adapter_names for _ in range(max(beams, returns))]
+        with self.running(adapter_names):
+            return self.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -80,9 +99,10 @@ class LoraModel(nn.Module):
     def reserve(self, config: Any) -> list[str]:
         """Wrap every module `config` targets now, adding no adapter (returns the newly wrapped ones)."""
         targets, _ = self._targets(config, None)
-        fresh = self._wrap(config, targets)
-        for name, layer in fresh.items():
-            self._replace(name, layer)
+        with self.adapter_set.lock.writing():
+            fresh = self._wrap(config, targets)
+            for name, layer in fresh.items():
+                self._replace(name, layer)
         return list(fresh)
 
     def _wrap(self, config: Any, targets: list[str]) -> dict[str, AdapterLayer]:
@@ -148,10 +168,15 @@ class LoraModel(nn.Module):
 
     # -- out ---------------------------------------------------------------------------------
     def remove_adapter(self, adapter_name: str) -> None:
-        """Drop one adapter from every layer; the layers stay wrapped (the tree does not change)."""
-        for module in self.tuner_modules():
-            if adapter_name in module.adapters:
-                module.delete_adapter(adapter_name)
+        """Drop one adapter from every layer and the set; the layers stay wrapped (the tree does not change)."""
+        if adapter_name in self.merged_names():
+            raise AdapterStateError(f"Adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it.")
+        with self.adapter_set.lock.writing():
+            for module in self.tuner_modules():
+                if adapter_name in module.adapters:
+                    module.delete_adapter(adapter_name)
+            self.adapter_set.remove(adapter_name)
+        self.set_trainable(self.adapter_set.active, self.adapter_set.trainable())
 
     def unwrap(self, keep_trained_copies: bool) -> nn.Module:
         """Replace every wrapper by what it wraps; return the plain model.
@@ -183,20 +208,27 @@ class LoraModel(nn.Module):
         layers = self.adapter_layers()
         for layer in layers:
             layer.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)
-        lost = [share for layer in layers
-                if (share := layer.merge(names, checked=True, allow_quantized=allow_quantized)) is not None]
+        with self.adapter_set.lock.writing():
+            lost = [share for layer in layers
+                    if (share := layer.merge(names, checked=True, allow_quantized=allow_quantized)) is not None]
+            self.adapter_set.merged |= self.merged_names()
         if lost:
             warnings.warn(
                 f"Merged into {len(lost)} quantized layers by dequantize -> merge -> requantize: the requantized "
                 f"weights miss W+ΔW by {sum(lost) / len(lost):.1%} of the adapter's update ΔW on average "
                 f"(worst {max(lost):.1%}). That error is now baked into the model; for a faithful merge use "
                 "`lorakit merge` with a full-precision base.",
-                stacklevel=4,
+                stacklevel=3,
             )
 
-    def unmerge(self) -> None:
-        for layer in self.adapter_layers():
-            layer.unmerge()
+    def unmerge(self, warn_if_none: bool = False) -> None:
+        """Subtract every merged adapter again, newest first, in every layer."""
+        if warn_if_none and not self.merged_names():
+            warnings.warn("No adapter is merged; nothing to unmerge.", stacklevel=3)
+        with self.adapter_set.lock.writing():
+            for layer in self.adapter_layers():
+                layer.unmerge()
+            self.adapter_set.merged.clear()
 
     def set_trainable(self, names: Sequence[str], trainable: bool) -> None:
         """Only `names`' parameters require grad (and only if `trainable`); others are frozen."""
@@ -218,7 +250,7 @@ class LoraModel(nn.Module):
                 yield
                 return
             routing = self.adapter_set.routing(adapter_names)
-            if self.merged_names():
+            if self.adapter_set.merged:
                 raise AdapterStateError("Adapters are merged, so rows cannot choose adapters; call unmerge_adapter() first.")
             if torch.is_grad_enabled() and gradient_checkpointing_on(self.model):
                 # Checkpointed blocks are re-run in backward, after this forward's routing is gone:

@@ -26,6 +26,7 @@ parameters.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -76,18 +77,21 @@ class Entry:
 
 
 class Layout:
-    """A layer's slot → Entry map, hashed once; layers with equal layouts share a routing plan."""
+    """A layer's slot → Entry map. Equal layouts are one object (`Layout.of`), so layers with the same
+    adapters in the same rows share one routing plan, found by identity."""
+
+    _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     def __init__(self, entries: dict[int, Entry]):
         self.entries = entries
-        self._key = tuple(sorted((slot, e.key, e.row, e.scaling, e.banked) for slot, e in entries.items()))
-        self._hash = hash(self._key)
 
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Layout) and self._key == other._key
+    @classmethod
+    def of(cls, entries: dict[int, Entry]) -> Layout:
+        key = tuple(sorted((slot, e.key, e.row, e.scaling, e.banked) for slot, e in entries.items()))
+        layout = cls._interned.get(key)
+        if layout is None:
+            layout = cls._interned[key] = cls(dict(entries))
+        return layout
 
 
 class SlotBank:
@@ -97,7 +101,7 @@ class SlotBank:
         self.in_features, self.out_features = in_features, out_features
         self.buckets: dict[Key, Bucket] = {}
         self.entries: dict[int, Entry] = {}
-        self.layout = Layout({})
+        self.layout = Layout.of({})
 
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool,
             params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +120,7 @@ class SlotBank:
             bucket.b[row].copy_(b)
         bucket.owner[row] = slot
         self.entries[slot] = Entry(key, row, scaling, banked)
-        self.layout = Layout(dict(self.entries))
+        self.layout = Layout.of(self.entries)
         return bucket.a[row], bucket.b[row]
 
     def remove(self, slot: int) -> None:
@@ -126,7 +130,7 @@ class SlotBank:
             bucket.owner[entry.row] = None
             bucket.a[entry.row].zero_()
             bucket.b[entry.row].zero_()
-            self.layout = Layout(dict(self.entries))
+            self.layout = Layout.of(self.entries)
 
     def reserve(self, r: int, dtype: torch.dtype, device: torch.device, rows: int,
                 params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:

@@ -114,11 +114,13 @@ class AdapterLayer(nn.Module):
         """What adapter `name` took out of the base layer's output for input x (see above)."""
         raise NotImplementedError
 
-    def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> set[str]:
+    def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing,
+                      tokens_per_entry: int) -> Sequence[str] | None:
         """Add into `out` (tokens, out) the deltas of the routed adapters this layer can run from its
-        weight banks in one batched op per bucket (x: (tokens, …)); return the names it handled.
-        Called only under no_grad, outside dropout, unless the routing asks for the reference path."""
-        return set()
+        weight banks in one batched op per bucket (x: (tokens, …)); return the routed adapters it
+        holds and left to the plain path, or None if it has no banked path. Called only under
+        no_grad, outside dropout, unless the routing asks for the reference path."""
+        return None
 
     def adapter_containers(self) -> Iterable[nn.Module]:
         """The `AdapterWeights` (methods/bank.py) keyed by adapter name that hold this layer's parameters."""
@@ -224,11 +226,13 @@ class AdapterLayer(nn.Module):
         per_entry = routing.tokens_per_entry(x.shape[0], flat_x.shape[0])
         result = self.base_layer(x, *args, **kwargs).contiguous()
         out = result.view(flat_x.shape[0], -1)
-        handled: set[str] = set()
+        plain = None
         if not routing.reference and not torch.is_grad_enabled() and not self.training_dropout():
-            handled = self.banked_output(flat_x, out, routing, per_entry)
-        for name, tokens in routing.groups(x.device, per_entry):  # the plain path: a GEMM pair per adapter group
-            if self.holds(name) and name not in handled:  # this layer may not be targeted by every adapter
+            plain = self.banked_output(flat_x, out, routing, per_entry)
+        groups = routing.groups(x.device, per_entry)
+        for name in routing.adapters() if plain is None else plain:  # the plain path: a GEMM pair per group
+            if self.holds(name):  # this layer may not be targeted by every adapter
+                tokens = groups[name]
                 delta = self.adapter_output(flat_x.index_select(0, tokens), name, out.index_select(0, tokens))
                 out.index_add_(0, tokens, delta.to(out.dtype))
         for name in self.withheld_adapters():  # entries of other adapters and __base__ get the original base

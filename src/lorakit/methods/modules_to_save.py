@@ -97,7 +97,7 @@ class ModulesToSaveWrapper(nn.Module):
         return self._replace_rows(x, result, routing, *args, **kwargs)
 
     def _replace_rows(self, x: torch.Tensor, result: torch.Tensor, routing, *args, **kwargs) -> torch.Tensor:
-        for name, rows in routing.rows(x.device):
+        for name, rows in routing.groups(x.device).items():
             if name in self.modules_to_save:
                 out = self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs)
                 result = result.index_copy(0, rows, out.to(result.dtype))

@@ -6,6 +6,7 @@ y = W(l ⊙ x) + b, any other its output, y = l ⊙ (Wx + b). l starts at 1 (the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -78,8 +79,10 @@ class IA3Config:
     def to_dict(self) -> dict[str, Any]:
         """The dict PEFT writes as adapter_config.json."""
         out: dict[str, Any] = {"peft_type": self.peft_type}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
+        for field in dataclasses.fields(self):  # not `__dataclass_fields__`: it also lists the ClassVars
+            name, value = field.name, getattr(self, field.name)
+            if name in ("layers_to_transform", "layers_pattern") and value is None:
+                continue  # ours, not in PEFT's IA3Config: written only when set
             out[name] = sorted(value) if name in ("target_modules", "feedforward_modules") and isinstance(value, list) \
                 else value
         return out

@@ -263,9 +263,8 @@ class LoraLinear(LoraLayer):
         delta = lora_b @ lora_a  # (out, r) @ (r, in)
         return (delta.T if self.weight_transposed else delta) * self.scaling[name]
 
-    def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> set[str]:
+    def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> list[str]:
         """Every non-DoRA routed adapter in one bmm pair per rank bucket, from the bank (mixed.py)."""
         adapter_set = self.adapter_set
         slots = routing.cached(("slots", id(adapter_set)), lambda: [adapter_set.slots.get(n, -1) for n in routing.names])
-        covered = banked_delta(self.bank, x, out, routing, slots, tokens_per_entry)
-        return {name for name, slot in self.slots.items() if slot in covered}
+        return banked_delta(self.bank, x, out, routing, slots, tokens_per_entry)

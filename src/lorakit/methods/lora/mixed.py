@@ -36,20 +36,22 @@ class BucketPlan:
     key: Key
     tokens: torch.Tensor  # (n·L,) token indices into the flattened batch (padding → token 0)
     scale: torch.Tensor  # (n, L, 1) the row's scaling, 0 where padded
-    rows: slice | torch.Tensor  # bank rows: a slice (no copy) or indices for index_select
+    rows: tuple[int, int] | torch.Tensor  # bank rows: (start, count) of a slice (no copy), or indices
     length: int  # L
 
 
 def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, device: torch.device,
-          dtypes: dict[Key, torch.dtype]) -> tuple[list[BucketPlan], frozenset[int]]:
-    """Group the routed tokens by (bucket, bank row); returns the plans and the slots they cover."""
+          dtypes: dict[Key, torch.dtype]) -> tuple[list[BucketPlan], list[str]]:
+    """Group the routed tokens by (bucket, bank row); returns the plans and the adapters they leave to
+    the plain path (held by the layer, not banked: DoRA)."""
     by_bucket: dict[Key, dict[int, list[int]]] = {}
-    covered = set()
+    plain = []
     for entry, slot in enumerate(slots):
         spot = layout.entries.get(slot)
         if spot is None or not spot.banked:
+            if spot is not None and routing.names[entry] not in plain:
+                plain.append(routing.names[entry])
             continue
-        covered.add(slot)
         tokens = by_bucket.setdefault(spot.key, {}).setdefault(spot.row, [])
         tokens.extend(range(entry * per_entry, (entry + 1) * per_entry))
     plans = []
@@ -69,26 +71,26 @@ def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, de
         plans.append(BucketPlan(
             key, torch.tensor(index, dtype=torch.long, device=device),
             torch.tensor(scale, dtype=dtypes[key], device=device).view(len(order), length, 1),
-            slice(low, high) if dense else torch.tensor(order, dtype=torch.long, device=device), length,
+            (low, high - low) if dense else torch.tensor(order, dtype=torch.long, device=device), length,
         ))
-    return plans, frozenset(covered)
+    return plans, plain
 
 
 def banked_delta(bank: SlotBank, x: torch.Tensor, out: torch.Tensor, routing: Routing, slots: list[int],
-                 per_entry: int) -> frozenset[int]:
-    """Add Δ of every banked adapter the routing uses into `out` (tokens, out); return their slots."""
+                 per_entry: int) -> list[str]:
+    """Add Δ of every banked adapter the routing uses into `out` (tokens, out); return the routed
+    adapters this layer holds but could not run from its bank."""
     device = x.device
-    dtypes = {key: bucket.a.dtype for key, bucket in bank.buckets.items()}
-    plans, covered = routing.cached(("bank", bank.layout, per_entry, device),
-                                    lambda: _plan(routing, slots, bank.layout, per_entry, device, dtypes))
+    plans, plain = routing.cached(("bank", bank.layout, per_entry, device), lambda: _plan(
+        routing, slots, bank.layout, per_entry, device, {key: b.a.dtype for key, b in bank.buckets.items()}))
     for plan in plans:
         bucket = bank.buckets[plan.key]
-        if isinstance(plan.rows, slice):
-            a, b = bucket.a[plan.rows], bucket.b[plan.rows]
+        if isinstance(plan.rows, tuple):  # narrow: a view (indexing with a slice costs more in Python)
+            a, b = bucket.a.narrow(0, *plan.rows), bucket.b.narrow(0, *plan.rows)
         else:
             a, b = bucket.a.index_select(0, plan.rows), bucket.b.index_select(0, plan.rows)
-        x_rows = x.index_select(0, plan.tokens).view(a.shape[0], plan.length, -1).to(a.dtype)
-        h = torch.bmm(x_rows, a.transpose(1, 2)).mul_(plan.scale)
-        delta = torch.bmm(h, b.transpose(1, 2))
-        out.index_add_(0, plan.tokens, delta.view(-1, delta.shape[-1]).to(out.dtype))
-    return covered
+        x_rows = x.index_select(0, plan.tokens).view(a.shape[0], plan.length, -1)
+        h = torch.bmm(x_rows if x_rows.dtype == a.dtype else x_rows.to(a.dtype), a.transpose(1, 2)).mul_(plan.scale)
+        delta = torch.bmm(h, b.transpose(1, 2)).view(-1, b.shape[1])
+        out.index_add_(0, plan.tokens, delta if delta.dtype == out.dtype else delta.to(out.dtype))
+    return plain
