@@ -233,3 +233,21 @@ def test_hot_swap_under_load():
         for row, name in enumerate(names):
             alone = _alone(check, {k: v[row:row + 1] for k, v in inputs.items()}, name)
             torch.testing.assert_close(mixed[row:row + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_adapters_of_one_rank_in_two_dtypes_share_a_bucket_after_a_dtype_change():
+    layer = LoraLinear(torch.nn.Linear(8, 6))
+    layer.update_layer("a", r=2, lora_alpha=2, init_lora_weights=False)
+    layer.update_layer("b", r=2, lora_alpha=2, weights=(torch.randn(2, 8, dtype=torch.float64),
+                                                        torch.randn(6, 2, dtype=torch.float64)))
+    assert len(layer.bank.buckets) == 2  # (2, fp32) and (2, fp64)
+    layer.double()
+    assert len(layer.bank.buckets) == 1 and layer.bank.is_tied(layer._bank_params())
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for routing in (Routing(["a", "b", "__base__"]), Routing(["a", "b", "__base__"], reference=True)):
+        with torch.no_grad(), adapter_routing(routing):
+            mixed = layer(x)
+        for row, name in enumerate(["a", "b"]):
+            layer.set_adapter([name], trainable=False)
+            with torch.no_grad():
+                torch.testing.assert_close(mixed[row], layer(x[row:row + 1])[0], atol=ATOL, rtol=0)
