@@ -92,3 +92,7 @@ class TrainingInterrupted(LorakitError):
             where = (f"no checkpoint was written yet (the first comes at step train.save_steps={save_steps}), so "
                      "there is nothing to resume: start again with --overwrite")
         super().__init__(f"Interrupted at step {step} of {max_steps} in {output_dir}; {where}.")
+
+
+class RequestError(LorakitError, ValueError):
+    """A generation request the engine cannot serve (too long, unknown adapter, bad sampling settings)."""

@@ -1,0 +1,306 @@
+"""`Engine`: continuous batching on one base model, a different adapter per request.
+
+    engine = Engine(model, tokenizer, max_model_len=512)
+    engine.adapters.register("support", "adapters/support")
+    outputs = engine.generate(["Hi", "Hello"], adapters=["support", None], sampling=SamplingParams(max_tokens=32))
+
+Every step (`step()`), the scheduler (scheduler.py) picks the sequences to run and how many
+tokens each; the engine packs all their new tokens into one row `[1, T]` — decode tokens and
+prefill chunks alike, whatever adapter each uses — and runs one forward with per-token
+adapter routing (routing.py, methods/lora/mixed.py) and the paged attention (attention.py,
+kv_cache.py). Only the last token of each sequence that completes goes through the LM head.
+
+Why packed and not padded per step: a step that mixes one 256-token prefill chunk with 15
+decodes costs 271 tokens packed, 16 × 256 padded; and per-token routing costs the same as
+per-row routing (one bmm pair per rank bucket). transformers' own continuous batching
+(`generate_batch`) packs too, but takes no per-token adapters, so the cache and the attention
+here are ours (~150 lines), plugged in through transformers' attention interface.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from lorakit.errors import RequestError
+from lorakit.routing import BASE_ADAPTER, Routing
+from lorakit.serve import attention
+from lorakit.serve.adapter_cache import AdapterCache
+from lorakit.serve.kv_cache import PagedKVCache
+from lorakit.serve.sampling import SamplingParams, generator_for, sample
+from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort", "error"
+    error: str | None
+    queue_s: float
+    ttft_s: float | None
+    itl_s: list[float]
+
+
+class RequestHandle:
+    """Streams one request's tokens: `for token_id, text_delta in handle`, or `async for`; `result()` waits."""
+
+    def __init__(self, engine: Engine, seq: Sequence):
+        self.engine, self.seq = engine, seq
+
+    @property
+    def request_id(self) -> int:
+        return self.seq.id
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        while True:
+            event = self.seq.events.get() if self.engine.running_in_background else self._pump()
+            if event is None:
+                return
+            yield event
+
+    def _pump(self):
+        while self.seq.events.empty():
+            self.engine.step()
+        return self.seq.events.get()
+
+    async def __aiter__(self):
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        while True:
+            event = await loop.run_in_executor(None, self.seq.events.get)
+            if event is None:
+                return
+            yield event
+
+    def result(self) -> RequestOutput:
+        for _ in self:
+            pass
+        return self.engine.output_of(self.seq)
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_model_len: int = 2048, max_num_seqs: int = 16,
+                 max_num_batched_tokens: int = 512, kv_cache_memory: int = 2 << 30, block_size: int = 16,
+                 max_loras: int = 8, max_cpu_loras: int = 8):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        base = model.get_base_model()
+        config = base.config
+        base.config._attn_implementation = attention.register()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
+        per_block = PagedKVCache.bytes_per_block(config.num_hidden_layers, kv_heads, head_dim, block_size, dtype)
+        num_blocks = kv_cache_memory // per_block
+        if num_blocks * block_size < max_model_len:
+            raise RequestError(f"kv_cache_memory={kv_cache_memory} holds {num_blocks * block_size} tokens, fewer than "
+                               f"max_model_len={max_model_len}; raise the memory or lower max_model_len.")
+        self.cache = PagedKVCache(config.num_hidden_layers, kv_heads, head_dim, num_blocks, block_size, dtype,
+                                  next(base.parameters()).device)
+        self.max_model_len = max_model_len
+        self.eos_ids = set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
+        self.adapters = AdapterCache(model, max_cpu_loras)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras, self._bind)
+        self.requests: dict[int, Sequence] = {}
+        self.steps = 0
+        self.tokens_out = 0
+        self._step_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int] | list[dict], adapter: str | None = None,
+                    sampling: SamplingParams | None = None) -> RequestHandle:
+        """Queue a request (text, token ids, or chat messages); refused before any compute if it cannot fit."""
+        sampling = sampling or SamplingParams()
+        ids = self._tokenize(prompt)
+        if not ids:
+            raise RequestError("The prompt is empty.")
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise RequestError(f"The prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}: "
+                               f"{len(ids) + sampling.max_tokens} > max_model_len={self.max_model_len}. Shorten the "
+                               "prompt or lower max_tokens.")
+        if adapter is not None:
+            self.adapters.prefetch(adapter)  # unknown names fail here, before the request is queued
+        seq = Sequence(ids, sampling, adapter, generator_for(sampling))
+        with self._step_lock:
+            self.requests[seq.id] = seq
+            self.scheduler.waiting.append(seq)
+        return RequestHandle(self, seq)
+
+    def abort(self, handle: RequestHandle) -> None:
+        with self._step_lock:
+            if not handle.seq.finished:
+                self._finish(handle.seq, "abort")
+
+    def generate(self, prompts: Seq[str | list[int] | list[dict]], adapters: Seq[str | None] | None = None,
+                 sampling: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """vLLM's offline `LLM.generate`: all requests at once, run to completion, outputs in order."""
+        adapters = list(adapters) if adapters is not None else [None] * len(prompts)
+        samplings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        handles = [self.add_request(p, a, s) for p, a, s in zip(prompts, adapters, samplings, strict=True)]
+        while not all(h.seq.finished for h in handles):
+            if not self.running_in_background:
+                self.step()
+            else:
+                time.sleep(0.001)
+        return [self.output_of(h.seq) for h in handles]
+
+    def _tokenize(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return list(self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("Text prompts need a tokenizer: Engine(model, tokenizer).")
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return [int(t) for t in prompt]
+
+    def _bind(self, seq: Sequence) -> bool:
+        """Bind a waiting request to its adapter's current version (False while that version loads)."""
+        try:
+            version = self.adapters.acquire(seq.adapter)
+        except Exception as error:  # noqa: BLE001 - the loader's error ends this request only
+            seq.error = str(error)
+            self._finish(seq, "error")
+            return False
+        if version is None:
+            return False
+        seq.version = version
+        return True
+
+    # -- the step loop ---------------------------------------------------------------------------
+    def step(self) -> int:
+        """Schedule and run one forward; returns the number of sequences that ran."""
+        with self._step_lock:
+            batch = self.scheduler.schedule()
+            if not batch:
+                return 0
+            logits = self._forward(batch)
+            now = time.perf_counter()
+            row = 0
+            for item in batch:
+                item.seq.computed += item.count
+                if item.samples:
+                    self._append(item.seq, sample(logits[row], item.seq.params, item.seq.generator), now)
+                    row += 1
+            self.steps += 1
+            return len(batch)
+
+    def _forward(self, batch: list[Scheduled]) -> torch.Tensor:
+        device = self.cache.k[0].device
+        ids, positions, names, keep, prefills = [], [], [], [], []
+        blocks, offsets, decode_tokens, decode_tables, decode_lengths = [], [], [], [], []
+        size = self.cache.block_size
+        for item in batch:
+            seq, start = item.seq, len(ids)
+            span = range(item.start, item.start + item.count)
+            ids += seq.tokens[item.start:item.start + item.count]
+            positions += span
+            names += [seq.version] * item.count
+            blocks += [seq.blocks[p // size] for p in span]
+            offsets += [p % size for p in span]
+            if item.count == 1:
+                decode_tokens.append(start)
+                decode_tables.append(seq.blocks[: self.cache.blocks_for(item.start + 1)])
+                decode_lengths.append(item.start + 1)
+            else:
+                table = seq.blocks[: self.cache.blocks_for(item.start + item.count)]
+                prefills.append(attention.PrefillChunk(start, item.count, item.start,
+                                                       torch.tensor(table, dtype=torch.long, device=device)))
+            if item.samples:
+                keep.append(len(ids) - 1)
+        width = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device)
+        lengths = torch.tensor(decode_lengths, dtype=torch.long, device=device)
+        mask = (torch.arange(width * size, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        plan = attention.StepPlan(self.cache, torch.tensor(blocks, device=device), torch.tensor(offsets, device=device),
+                                  torch.tensor(decode_tokens, dtype=torch.long, device=device), tables.view(len(decode_tables), width),
+                                  mask, prefills)
+        routing = Routing(names, per_token=True)
+        with torch.no_grad(), attention.step_plan(plan):
+            out = self.model(input_ids=torch.tensor([ids], device=device),
+                             position_ids=torch.tensor([positions], device=device), use_cache=False,
+                             adapter_names=routing, logits_to_keep=torch.tensor(keep, device=device))
+        return out.logits[0]
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        seq.output_ids.append(token)
+        seq.token_times.append(now)
+        self.tokens_out += 1
+        before = seq.text
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        stop = next((s for s in seq.params.stop if s in seq.text), None)
+        if stop is not None:
+            seq.text = seq.text[: seq.text.index(stop)]
+        seq.events.put((token, seq.text[len(before):] if seq.text.startswith(before) else seq.text))
+        if stop is not None or token in seq.params.stop_token_ids:
+            self._finish(seq, "stop")
+        elif token in self.eos_ids and not seq.params.ignore_eos:
+            self._finish(seq, "stop")
+        elif len(seq.output_ids) >= seq.params.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.scheduler.finish(seq)
+        if seq.version != BASE_ADAPTER:
+            self.adapters.release(seq.version)
+        seq.events.put(None)
+
+    # -- background loop (servers) ---------------------------------------------------------------------
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Run steps in a background thread (request handles then stream without driving the loop)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="lorakit-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.step():
+                time.sleep(0.002)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        self.adapters.close()
+
+    # -- results and statistics ----------------------------------------------------------------------------
+    def output_of(self, seq: Sequence) -> RequestOutput:
+        times = seq.token_times
+        return RequestOutput(
+            seq.id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finish_reason, seq.error,
+            queue_s=(seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
+            ttft_s=(times[0] - seq.arrival) if times else None,
+            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+        )
+
+    def stats(self) -> dict:
+        cache = self.adapters.stats
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_blocks_used": self.cache.used_blocks, "kv_blocks_total": self.cache.num_blocks,
+                "steps": self.steps, "tokens_out": self.tokens_out,
+                "adapter_hits": cache.hits, "adapter_misses": cache.misses, "adapter_evictions": cache.evictions,
+                "adapter_loads": cache.loads, "adapter_load_s": round(cache.load_seconds, 4)}
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]

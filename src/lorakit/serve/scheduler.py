@@ -1,0 +1,145 @@
+"""Requests and the continuous-batching scheduler: who runs in the next step, and how many tokens.
+
+Every step, under a token budget (`max_num_batched_tokens`):
+1. every running sequence that has all its tokens in the cache decodes one token — decodes
+   go first, so a long prompt never stalls them;
+2. running sequences still in prefill continue with their next chunk;
+3. waiting requests are admitted in arrival order while there is a free sequence slot
+   (`max_num_seqs`), budget, KV blocks for their first chunk, and room among the adapters of
+   this step (`max_loras`). Admission is strictly FIFO: when the oldest waiting request does
+   not fit, no later one jumps ahead — so a request for a rare adapter waits at most until the
+   running requests of other adapters finish (no starvation). Requests whose adapter is still
+   loading are passed over until it is resident.
+When a running sequence needs a KV block and none is free, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
+(prompt + what it generated so far) — slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from lorakit.routing import BASE_ADAPTER
+from lorakit.serve.kv_cache import PagedKVCache
+from lorakit.serve.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None  # the name asked for (None: the base model)
+    generator: torch.Generator | None
+    id: int = field(default_factory=lambda: next(_ids))
+    version: str = BASE_ADAPTER  # the adapter version it runs with, bound when it is admitted
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_scheduled: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    preemptions: int = 0
+    events: queue.Queue = field(default_factory=queue.Queue)  # streamed to the request's handle
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    start: int  # first token (sequence position) computed this step
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the known tokens, so its last logits give the next token."""
+        return self.start + self.count == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int,
+                 bind_adapter):
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_loras = max_loras
+        self.bind_adapter = bind_adapter  # Sequence -> bool: bound to a resident version (False: still loading)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def schedule(self) -> list[Scheduled]:
+        budget, batch = self.max_num_batched_tokens, []
+        for seq in list(self.running):  # 1 and 2: decodes first, then prefill chunks
+            if seq not in self.running:  # preempted below for an older sequence
+                continue
+            if len(seq.tokens) - seq.computed == 1:
+                if self._make_room(seq, seq.computed + 1):
+                    batch.append(Scheduled(seq, seq.computed, 1))
+                    budget -= 1
+        for seq in list(self.running):
+            remaining = len(seq.tokens) - seq.computed
+            if seq in self.running and remaining > 1 and budget > 0:
+                count = min(remaining, budget)
+                if self._make_room(seq, seq.computed + count):
+                    batch.append(Scheduled(seq, seq.computed, count))
+                    budget -= count
+        adapters = {s.version for s in self.running} - {BASE_ADAPTER}
+        for seq in list(self.waiting):  # 3: admission, strictly in order
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.version == BASE_ADAPTER and seq.adapter is not None and not self.bind_adapter(seq):
+                continue  # its adapter is loading: the others go on
+            if seq.version != BASE_ADAPTER and seq.version not in adapters and len(adapters) >= self.max_loras:
+                break
+            count = min(len(seq.tokens), budget)
+            if not self.cache.grow(seq.blocks, count):
+                break
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            adapters.add(seq.version)
+            adapters.discard(BASE_ADAPTER)
+            seq.first_scheduled = seq.first_scheduled or time.perf_counter()
+            batch.append(Scheduled(seq, 0, count))
+            budget -= count
+        return [s for s in batch if s.seq in self.running]  # a prefill chunk may have preempted a decode
+
+    def _make_room(self, seq: Sequence, tokens: int) -> bool:
+        """Blocks for `tokens` tokens of `seq`, preempting the newest running sequences if needed;
+        False if `seq` itself had to be preempted."""
+        while not self.cache.grow(seq.blocks, tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        self.cache.release(seq.blocks)
+        seq.computed = 0
+        seq.preemptions += 1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.cache.release(seq.blocks)
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
