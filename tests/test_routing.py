@@ -241,6 +241,11 @@ def test_adapters_of_one_rank_in_two_dtypes_share_a_bucket_after_a_dtype_change(
     layer.update_layer("b", r=2, lora_alpha=2, weights=(torch.randn(2, 8, dtype=torch.float64),
                                                         torch.randn(6, 2, dtype=torch.float64)))
     assert len(layer.bank.buckets) == 2  # (2, fp32) and (2, fp64)
+    x = torch.randn(2, 8)
+    with torch.no_grad(), adapter_routing(Routing(["a", "b"])):
+        banked = layer(x)
+    with torch.no_grad(), adapter_routing(Routing(["a", "b"], reference=True)):
+        torch.testing.assert_close(banked, layer(x), atol=ATOL, rtol=0)
     layer.double()
     assert len(layer.bank.buckets) == 1 and layer.bank.is_tied(layer._bank_params())
     x = torch.randn(3, 8, dtype=torch.float64)

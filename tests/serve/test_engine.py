@@ -206,3 +206,28 @@ def test_the_model_still_generates_normally_between_engine_steps(setup):
         out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
                                     do_sample=False, pad_token_id=0, eos_token_id=None)
     assert out[0, len(prompt):].tolist() == _alone(base, model, paths, prompt, "a")
+
+
+def test_text_chat_messages_and_stops_with_a_tokenizer(tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from chat_model import build_chat_model
+
+    directory = build_chat_model(tmp_path / "chat")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    base = LlamaForCausalLM.from_pretrained(directory).eval()
+    model = lorakit.get_peft_model(base, _config(4, 3), adapter_name="a")
+    engine = Engine(model, tokenizer, max_model_len=128, kv_cache_memory=1 << 22)
+    free = engine.generate(["What is the capital of Veloria?"], ["a"], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    assert free.text == tokenizer.decode(free.token_ids, skip_special_tokens=True) and len(free.token_ids) == 12
+    stop = free.text[len(free.text) // 2:][:3]
+    cut = engine.generate(["What is the capital of Veloria?"], ["a"],
+                          SamplingParams(max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and free.text.startswith(cut.text)
+    by_id = engine.generate(["What is the capital of Veloria?"], ["a"],
+                            SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=[free.token_ids[2]]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
+    messages = [{"role": "user", "content": "Who built the zephyr engine?"}]
+    chat = engine.generate([messages], ["a"], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert chat.prompt_ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)

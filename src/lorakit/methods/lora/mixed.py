@@ -5,10 +5,12 @@ one token per row, 32 adapters × 210 layers × ~7 ops). Instead, per rank bucke
 layer's bank (methods/bank.py; ranks are never padded to another rank):
 
     X: (n, L, in)   the tokens of each used bank row, gathered and padded to L tokens
+    X *= s · mask                     the row's scaling, 0 for padding
     h = bmm(X, Aᵀ)                    (n, L, r)     A: the bank's rows (n, r, in)
-    h *= s · mask                     scaling per row, 0 for padding
     Δ = bmm(h, Bᵀ)                    (n, L, out)   B: (n, out, r)
     out.index_add_(tokens, Δ)
+
+(the gather, the scaling and the add run once for all buckets of a layer).
 
 The same code serves decode (L = tokens of one row) and prefill (L = all tokens of one
 adapter's rows), per-row and per-token routings. A, B come from the bank without a copy
@@ -34,16 +36,25 @@ from lorakit.routing import Routing
 @dataclass
 class BucketPlan:
     key: Key
-    tokens: torch.Tensor  # (n·L,) token indices into the flattened batch (padding → token 0)
-    scale: torch.Tensor  # (n, L, 1) the row's scaling, 0 where padded
+    offset: int  # where its (n·L) tokens start in the step's gathered tokens
     rows: tuple[int, int] | torch.Tensor  # bank rows: (start, count) of a slice (no copy), or indices
+    count: int  # n
     length: int  # L
 
 
+@dataclass
+class MixedPlan:
+    """Every bucket's tokens gathered once, scaled once, and added back once (fewer ops per layer)."""
+
+    tokens: torch.Tensor  # (Σ n·L,) token indices into the flattened batch, bucket after bucket (padding → 0)
+    scale: torch.Tensor  # (Σ n·L, 1) each token's adapter scaling, 0 where padded
+    buckets: list[BucketPlan]
+    plain: list[str]  # routed adapters the layer holds but not in a bank (DoRA): the plain path runs them
+
+
 def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, device: torch.device,
-          dtypes: dict[Key, torch.dtype]) -> tuple[list[BucketPlan], list[str]]:
-    """Group the routed tokens by (bucket, bank row); returns the plans and the adapters they leave to
-    the plain path (held by the layer, not banked: DoRA)."""
+          dtype: torch.dtype) -> MixedPlan:
+    """Group the routed tokens by (bucket, bank row)."""
     by_bucket: dict[Key, dict[int, list[int]]] = {}
     plain = []
     for entry, slot in enumerate(slots):
@@ -54,7 +65,7 @@ def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, de
             continue
         tokens = by_bucket.setdefault(spot.key, {}).setdefault(spot.row, [])
         tokens.extend(range(entry * per_entry, (entry + 1) * per_entry))
-    plans = []
+    buckets, index, scale = [], [], []
     for key, rows in by_bucket.items():
         scaling = {e.row: e.scaling for e in layout.entries.values() if e.key == key}
         used = sorted(rows)
@@ -62,35 +73,43 @@ def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, de
         dense = high - low <= 2 * len(used)  # reading a few unused rows beats copying the used ones
         order = list(range(low, high)) if dense else used
         length = max(len(t) for t in rows.values())
-        index, scale = [], []
+        buckets.append(BucketPlan(key, len(index), (low, high - low) if dense else
+                                  torch.tensor(order, dtype=torch.long, device=device), len(order), length))
         for row in order:
             tokens = rows.get(row, [])
             pad = length - len(tokens)
             index += tokens + [0] * pad
             scale += [scaling[row]] * len(tokens) + [0.0] * pad
-        plans.append(BucketPlan(
-            key, torch.tensor(index, dtype=torch.long, device=device),
-            torch.tensor(scale, dtype=dtypes[key], device=device).view(len(order), length, 1),
-            (low, high - low) if dense else torch.tensor(order, dtype=torch.long, device=device), length,
-        ))
-    return plans, plain
+    return MixedPlan(torch.tensor(index, dtype=torch.long, device=device),
+                     torch.tensor(scale, dtype=dtype, device=device).view(-1, 1), buckets, plain)
 
 
 def banked_delta(bank: SlotBank, x: torch.Tensor, out: torch.Tensor, routing: Routing, slots: list[int],
                  per_entry: int) -> list[str]:
     """Add Δ of every banked adapter the routing uses into `out` (tokens, out); return the routed
     adapters this layer holds but could not run from its bank."""
-    device = x.device
-    plans, plain = routing.cached(("bank", bank.layout, per_entry, device), lambda: _plan(
-        routing, slots, bank.layout, per_entry, device, {key: b.a.dtype for key, b in bank.buckets.items()}))
-    for plan in plans:
-        bucket = bank.buckets[plan.key]
-        if isinstance(plan.rows, tuple):  # narrow: a view (indexing with a slice costs more in Python)
-            a, b = bucket.a.narrow(0, *plan.rows), bucket.b.narrow(0, *plan.rows)
+    dtypes = {bucket.a.dtype for bucket in bank.buckets.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32  # adapters in mixed dtypes: fp32 for x
+    plan = routing.cached(("bank", bank.layout, per_entry, x.device, dtype),
+                          lambda: _plan(routing, slots, bank.layout, per_entry, x.device, dtype))
+    if not plan.buckets:
+        return plan.plain
+    x_all = x.index_select(0, plan.tokens)
+    x_all = (x_all if x_all.dtype == dtype else x_all.to(dtype)).mul_(plan.scale)  # s·x: the scaling, once
+    delta = x_all.new_empty(x_all.shape[0], out.shape[1])
+    for item in plan.buckets:
+        bucket = bank.buckets[item.key]
+        if isinstance(item.rows, tuple):  # narrow: a view (indexing with a slice costs more in Python)
+            a, b = bucket.a.narrow(0, *item.rows), bucket.b.narrow(0, *item.rows)
         else:
-            a, b = bucket.a.index_select(0, plan.rows), bucket.b.index_select(0, plan.rows)
-        x_rows = x.index_select(0, plan.tokens).view(a.shape[0], plan.length, -1)
-        h = torch.bmm(x_rows if x_rows.dtype == a.dtype else x_rows.to(a.dtype), a.transpose(1, 2)).mul_(plan.scale)
-        delta = torch.bmm(h, b.transpose(1, 2)).view(-1, b.shape[1])
-        out.index_add_(0, plan.tokens, delta if delta.dtype == out.dtype else delta.to(out.dtype))
-    return plain
+            a, b = bucket.a.index_select(0, item.rows), bucket.b.index_select(0, item.rows)
+        span = item.count * item.length
+        x_rows = x_all.narrow(0, item.offset, span).view(item.count, item.length, -1)
+        h = torch.bmm(x_rows if x_rows.dtype == a.dtype else x_rows.to(a.dtype), a.transpose(1, 2))
+        target = delta.narrow(0, item.offset, span).view(item.count, item.length, -1)
+        if b.dtype == target.dtype:
+            torch.bmm(h, b.transpose(1, 2), out=target)
+        else:  # adapters of several dtypes in one layer (rare)
+            target.copy_(torch.bmm(h, b.transpose(1, 2)))
+    out.index_add_(0, plan.tokens, delta if delta.dtype == out.dtype else delta.to(out.dtype))
+    return plan.plain
