@@ -24,6 +24,7 @@ BENCHMARKS = [
     ("train_step.py", ["--batch", "4", "--seq", "128", "--bf16"]),
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
+    ("serve_engine.py", []),
     ("qlora_step.py", []),
     ("dora_step.py", []),
     ("demo_quality.py", []),
