@@ -95,6 +95,25 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+class SharesAdapterSet:
+    """For modules that wrap part of a model (adapted layers, saved-module wrappers): PEFT's per-layer
+    names for the call state, read from (and written to) the model's shared `AdapterSet`."""
+
+    adapter_set: AdapterSet
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.adapter_set.active
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.adapter_set.disabled
+
+    @disable_adapters.setter
+    def disable_adapters(self, value: bool) -> None:
+        self.adapter_set.disabled = value
+
+
 class AdapterSet:
     """name → config and slot, the active adapters and the model-wide switches, behind one lock."""
 

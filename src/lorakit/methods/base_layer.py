@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import AdapterSet
+from lorakit.adapters import AdapterSet, SharesAdapterSet
 from lorakit.errors import AdapterStateError, MergeError
 from lorakit.quant import float_weight, keep_training_layout, quant_kind, requantize_like
 from lorakit.routing import Routing, current_routing
@@ -39,7 +39,7 @@ def is_quantized_weight(weight: torch.Tensor) -> bool:
     return quant_kind(weight) is not None or not weight.dtype.is_floating_point
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(SharesAdapterSet, nn.Module):
     """Base of every adapted layer; holds per-adapter scalars and the merge/route logic."""
 
     peft_type: str  # which method (methods/registry.py) this layer belongs to, e.g. "LORA"
@@ -52,19 +52,6 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []  # in merge order, so unmerge can go in reverse
         self.merged_into_quantized = False  # a requantizing merge cannot be undone
         self.base_is_4bit = quant_kind(getattr(base_layer, "weight", None)) == "4bit"
-
-    # The call state, read from the shared adapter set (PEFT's attribute names).
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.adapter_set.active
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self.adapter_set.disabled
-
-    @disable_adapters.setter
-    def disable_adapters(self, value: bool) -> None:
-        self.adapter_set.disabled = value
 
     @property
     def fused(self) -> bool:

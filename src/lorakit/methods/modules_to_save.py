@@ -18,24 +18,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lorakit.adapters import AdapterSet
+from lorakit.adapters import AdapterSet, SharesAdapterSet
 from lorakit.routing import current_routing
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(SharesAdapterSet, nn.Module):
     def __init__(self, original_module: nn.Module, adapter_set: AdapterSet | None = None):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.adapter_set = adapter_set if adapter_set is not None else AdapterSet()
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self.adapter_set.active
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self.adapter_set.disabled
 
     @property
     def adapters(self) -> list[str]:
