@@ -10,8 +10,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+SERVER_SECTION = "## The server: `lorakit serve`"  # its examples need a running server: tests/serve/test_server.py
+
+
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    text = README.read_text()
+    before, _, after = text.partition(SERVER_SECTION)
+    rest = after.split("\n## ", 1)[1] if "\n## " in after else ""
+    return re.findall(r"```python\n(.*?)```", before + rest, flags=re.S)
 
 
 def test_readme_examples_run_and_print_what_they_claim():

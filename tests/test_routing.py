@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import inputs_for, output_of, tiny_gpt2, tiny_llama
+from conftest import assert_rows_equal_alone, inputs_for, output_of, tiny_gpt2, tiny_llama
 from lorakit.methods import AdapterLayer
 from lorakit.methods.lora.layer import LoraLinear
 from lorakit.routing import Routing, adapter_routing
@@ -67,6 +67,19 @@ def test_a_fresh_routing_takes_the_banked_path_and_equals_the_reference(builder,
     for row in (0, 1, 4):  # and each row equals its adapter alone
         alone = _alone(model, {k: v[row:row + 1] for k, v in inputs.items()}, names[row])
         torch.testing.assert_close(banked[row:row + 1], alone, atol=ATOL, rtol=0)
+
+
+def test_a_freed_row_between_used_rows_is_skipped_by_the_banked_path():
+    """Delete an adapter between two of the same rank, as a server's unload does: the dense span over the
+    bank's rows now has a free row, which gets no tokens (it raised a KeyError before)."""
+    base = tiny_llama()
+    config = lorakit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = lorakit.get_peft_model(copy.deepcopy(base), config, adapter_name="x0").eval()
+    for name in ("x1", "x2"):
+        model.add_adapter(name, config)
+    model.delete_adapter("x1")
+    names = ["x2", "x0", "__base__", "x2"]
+    assert_rows_equal_alone(model, base, inputs_for(model, batch=len(names), seq=3), names)
 
 
 def test_with_gradients_the_plain_path_runs_and_gradients_reach_the_parameters():

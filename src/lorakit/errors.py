@@ -96,3 +96,19 @@ class TrainingInterrupted(LorakitError):
 
 class RequestError(LorakitError, ValueError):
     """A generation request the engine cannot serve (too long, unknown adapter, bad sampling settings)."""
+
+
+class ContextLengthError(RequestError):
+    """A request's prompt plus its max_tokens exceed the model's context (OpenAI's wording, so clients that
+    parse it for a retry with a shorter prompt keep working)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, max_model_len: int):
+        self.prompt_tokens, self.max_tokens, self.max_model_len = prompt_tokens, max_tokens, max_model_len
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.")
+
+
+class AdapterLoadError(LorakitError, RuntimeError):
+    """A registered adapter could not be loaded; carries the loader's own message."""

@@ -42,14 +42,23 @@ class PeftModel(nn.Module):
     # adapters; it otherwise refuses to fine-tune a quantized model it does not know as PEFT's.
     _hf_peft_config_loaded = True
 
-    def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default", *,
+    def __init__(self, model: nn.Module, peft_config: AdapterConfig | None, adapter_name: str = "default", *,
                  _load_plan: LoadPlan | None = None):
         super().__init__()
         self.base_fingerprint = base_fingerprint(model)  # now, before any merge can change the weights
         self.adapter_set = AdapterSet()
         self.base_model = LoraModel(model, self.adapter_set)
-        self.adapter_set.check_new_name(adapter_name)
-        self.base_model.install(adapter_name, resolve_config(model, peft_config), _load_plan)
+        if peft_config is not None:  # None: no adapter yet (`for_serving`)
+            self.adapter_set.check_new_name(adapter_name)
+            self.base_model.install(adapter_name, resolve_config(model, peft_config), _load_plan)
+
+    @classmethod
+    def for_serving(cls, model: nn.Module, reserve: AdapterConfig) -> PeftModel:
+        """A model with no adapter yet, for a server that loads them later: the modules `reserve` targets
+        are wrapped now, so every later load within them is a tensor write, never module surgery."""
+        self = cls(model.eval(), None)
+        self.reserve_targets(reserve)
+        return self
 
     def __getattr__(self, name: str):
         try:
@@ -185,7 +194,7 @@ class PeftModel(nn.Module):
         """Load a saved adapter (ours or PEFT's) next to the others; all-or-nothing; on a serving model, a
         write into the banks between two forwards. PEFT's keywords too (`subfolder`, …: loading.LoadOptions)."""
         self.adapter_set.check_new_name(adapter_name)
-        task = next(c.task_type for c in self.peft_config.values())
+        task = next((c.task_type for c in self.peft_config.values()), None)
         config, plan = checked_load(self.get_base_model(), self.base_fingerprint, model_id, is_trainable, verify_base,
                                     verify_integrity, peft_options, task)
         self.base_model.install(adapter_name, config, plan)

@@ -2,12 +2,18 @@
 loaded off the step loop, versioned so a running request keeps the adapter it started with.
 
 Names users see ("support") map to *versions* loaded on the model ("support@1", "support@2"):
-replacing an adapter loads the new file as a new version and points the name at it; the old
-version stays on the model until its last request finishes, then its bank rows are freed.
+replacing an adapter loads the new file as a new version and then points the name at it; the
+old version stays on the model until its last request finishes, then its bank rows are freed.
 A cold adapter is loaded by a background thread (a write into the banks between two steps,
 adapters.py); its requests wait, the others keep decoding. A load that fails fails only the
 requests for that adapter, with the loader's message. Resident adapters beyond
 `max_cpu_loras` are evicted least recently used first — never a pinned one, never one in use.
+
+Two ways in: `register` (lazy: loaded on first use, as a server's `--adapter-dir` wants for
+hundreds of adapters) and `load` (now, on the loader thread, all-or-nothing: the admin API
+reports the loader's error and a failed replacement leaves the old version serving).
+Model changes (load, delete) never run under this cache's lock, so a caller that only asks
+for a version (a server's event loop) never waits for a forward to end.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.errors import AdapterNameError, LorakitError
+from lorakit.errors import AdapterLoadError, AdapterNameError
 
 
 @dataclass
@@ -45,7 +51,6 @@ class Entry:
     current: Version | None = None
     loading: Future | None = None
     error: str | None = None
-    versions: int = 0
     old: list[Version] = field(default_factory=list)
 
 
@@ -56,26 +61,61 @@ class AdapterCache:
         self.entries: dict[str, Entry] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.stats = CacheStats()
+        self._numbers: dict[str, int] = {}  # last version number per name, kept after unload: never reused
+        self._orphans: dict[str, Version] = {}  # versions of unloaded names that requests still use
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-loader")
         for name in list(model.peft_config):  # adapters already on the model: usable, pinned
             self.entries[name] = Entry(path=None, pinned=True, current=Version(name))
 
+    # -- registering ------------------------------------------------------------------------------
     def register(self, name: str, path: str | Path, pinned: bool = False) -> None:
-        """Make `name` loadable from `path`; an existing name is replaced (running requests keep theirs)."""
+        """Make `name` loadable from `path` (loaded on first use); an existing name is replaced (running
+        requests keep theirs)."""
         with self._lock:
-            entry = self.entries.get(name)
-            if entry is not None and entry.path is None:
-                raise AdapterNameError(f"{name!r} was put on the model directly; pick another name.")
+            entry = self._replaceable(name)
             if entry is None:
                 entry = self.entries[name] = Entry(Path(path), pinned)
             else:
                 entry.path, entry.pinned, entry.error = Path(path), pinned, None
-                if entry.current is not None:
-                    self._retire(name, entry)
+            doomed = self._retire(name, entry) if entry.current is not None else []
+        self._drop(doomed)
         if pinned:
             self.prefetch(name)
 
+    def load(self, name: str, path: str | Path, replace: bool = False, pinned: bool = False) -> Future:
+        """Load `path` as `name` now, on the loader thread; the future gives the version or the loader's
+        error. Nothing changes if it fails; with `replace`, requests running on the old version finish on it."""
+        with self._lock:
+            if not replace and name in self.entries:
+                raise AdapterNameError(f"The lora adapter '{name}' has already been loaded.")
+            self._replaceable(name)
+        return self._loader.submit(self._load_and_swap, name, Path(path), replace, pinned)
+
+    def unload(self, name: str) -> Future:
+        """Forget `name`; its version is freed now if unused, else when its last request finishes."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.path is None:
+                raise AdapterNameError(f"{name!r} was put on the model directly and cannot be unloaded.")
+            del self.entries[name]
+            doomed = self._retire(name, entry) if entry.current is not None else []
+            self._orphans.update((v.internal, v) for v in entry.old)
+            self.recent.pop(name, None)
+        return self._loader.submit(self._drop, doomed)
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def path_of(self, name: str) -> Path | None:
+        entry = self.entries.get(name)
+        return entry.path if entry else None
+
+    def resident_count(self) -> int:
+        return sum(1 for e in list(self.entries.values()) if e.current is not None) + sum(
+            len(e.old) for e in list(self.entries.values()))
+
+    # -- use by requests ---------------------------------------------------------------------------
     def prefetch(self, name: str) -> None:
         """Start loading `name` in the background if it is not resident."""
         with self._lock:
@@ -87,7 +127,7 @@ class AdapterCache:
         with self._lock:
             entry = self._entry(name)
             if entry.error is not None:
-                raise LorakitError(f"Adapter {name!r} could not be loaded: {entry.error}")
+                raise AdapterLoadError(f"Adapter {name!r} could not be loaded: {entry.error}")
             if entry.current is None:
                 self.stats.misses += entry.loading is None
                 self._start_load(name, entry)
@@ -99,67 +139,134 @@ class AdapterCache:
             return entry.current.internal
 
     def release(self, internal: str) -> None:
+        doomed = []
         with self._lock:
-            for entry in self.entries.values():
-                for version in ([entry.current] if entry.current else []) + entry.old:
-                    if version.internal == internal:
-                        version.users -= 1
-                        if version.stale and version.users == 0:
-                            entry.old.remove(version)
-                            self.model.delete_adapter(internal)
-                        return
+            for version, owner in self._versions():
+                if version.internal == internal:
+                    version.users -= 1
+                    if version.stale and version.users == 0:
+                        owner.old.remove(version)
+                        doomed.append(internal)
+                    break
+            else:  # a version whose name was unloaded: kept in _orphans until now
+                version = self._orphans.get(internal)
+                if version is not None:
+                    version.users -= 1
+                    if version.users == 0:
+                        del self._orphans[internal]
+                        doomed.append(internal)
+        self._drop(doomed)
 
     def failed(self, name: str) -> str | None:
         entry = self.entries.get(name)
         return entry.error if entry else None
+
+    # -- inside ----------------------------------------------------------------------------------------
+    def _versions(self):
+        for entry in self.entries.values():
+            for version in ([entry.current] if entry.current else []) + entry.old:
+                yield version, entry
 
     def _entry(self, name: str) -> Entry:
         if name not in self.entries:
             raise AdapterNameError(f"Unknown adapter {name!r}; registered: {sorted(self.entries)}.")
         return self.entries[name]
 
+    def _replaceable(self, name: str) -> Entry | None:
+        entry = self.entries.get(name)
+        if entry is not None and entry.path is None:
+            raise AdapterNameError(f"{name!r} was put on the model directly; pick another name.")
+        return entry
+
     def _start_load(self, name: str, entry: Entry) -> None:
         if entry.current is None and entry.loading is None and entry.path is not None:
-            entry.loading = self._loader.submit(self._load, name, entry)
+            entry.loading = self._loader.submit(self._load_registered, name, entry, entry.path)
 
-    def _load(self, name: str, entry: Entry) -> None:
+    def _load_version(self, name: str, path: Path) -> str:
+        """Put the file at `path` on the model as a new version of `name` (loader thread; raises)."""
+        with self._lock:
+            self._numbers[name] = number = self._numbers.get(name, 0) + 1
+        internal = f"{name}@{number}"
         start = time.perf_counter()
-        internal = f"{name}@{entry.versions + 1}"
+        self.model.load_adapter(path, adapter_name=internal)
+        with self._lock:
+            self.stats.loads += 1
+            self.stats.load_seconds += time.perf_counter() - start
+        return internal
+
+    def _load_registered(self, name: str, entry: Entry, path: Path) -> None:
         try:
-            self.model.load_adapter(entry.path, adapter_name=internal)
+            internal = self._load_version(name, path)
         except Exception as error:  # noqa: BLE001 - any failure is reported to this adapter's requests
             with self._lock:
                 entry.error, entry.loading = str(error), None
             return
         with self._lock:
-            entry.versions += 1
-            entry.current, entry.loading = Version(internal), None
-            self.stats.loads += 1
-            self.stats.load_seconds += time.perf_counter() - start
-            self.recent[name] = None
-            self._evict()
+            entry.loading = None
+            if self.entries.get(name) is not entry or entry.path != path:  # unloaded or re-pointed meanwhile
+                doomed = [internal]
+                if self.entries.get(name) is entry:
+                    self._start_load(name, entry)
+            else:
+                entry.current = Version(internal)
+                self.recent[name] = None
+                doomed = self._evict()
+        self._drop(doomed)
 
-    def _retire(self, name: str, entry: Entry) -> None:
-        """Detach the current version from `name`; delete it now if unused, else when its last user finishes."""
+    def _load_and_swap(self, name: str, path: Path, replace: bool, pinned: bool) -> str:
+        internal = self._load_version(name, path)  # raises: nothing has changed
+        with self._lock:
+            entry = self.entries.get(name)
+            if entry is not None and not replace:  # another load of this name won the race
+                doomed, error = [internal], AdapterNameError(f"The lora adapter '{name}' has already been loaded.")
+            else:
+                error = None
+                if entry is None:
+                    entry = self.entries[name] = Entry(path, pinned)
+                    doomed = []
+                else:
+                    entry.path, entry.pinned, entry.error = path, pinned, None
+                    doomed = self._retire(name, entry) if entry.current is not None else []
+                entry.current = Version(internal)
+                self.recent[name] = None
+                doomed += self._evict()
+        self._drop(doomed)
+        if error is not None:
+            raise error
+        return internal
+
+    def _retire(self, name: str, entry: Entry) -> list[str]:
+        """Detach the current version from `name`; returns it to delete now if unused, else it goes when
+        its last user finishes (called under the lock)."""
         version, entry.current = entry.current, None
         self.recent.pop(name, None)
         if version.users == 0:
-            self.model.delete_adapter(version.internal)
-        else:
-            version.stale = True
+            return [version.internal]
+        version.stale = True
+        if self.entries.get(name) is entry:
             entry.old.append(version)
+        else:  # the name is gone: nobody else will find this version but its users
+            self._orphans[version.internal] = version
+        return []
 
-    def _evict(self) -> None:
+    def _evict(self) -> list[str]:
+        doomed: list[str] = []
         resident = [n for n in self.recent if self.entries[n].path is not None]
         for name in list(resident):
             if len(resident) <= self.max_cpu_loras:
-                return
+                break
             entry = self.entries[name]
             if entry.pinned or entry.current.users:
                 continue
-            self._retire(name, entry)
+            doomed += self._retire(name, entry)
             resident.remove(name)
             self.stats.evictions += 1
+        return doomed
+
+    def _drop(self, internals: list[str]) -> None:
+        """Delete versions from the model (outside the lock: this waits for a running forward)."""
+        for internal in internals:
+            self.model.delete_adapter(internal)
 
     def close(self) -> None:
         self._loader.shutdown(wait=True)

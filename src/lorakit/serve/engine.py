@@ -19,21 +19,26 @@ here are ours (~150 lines), plugged in through transformers' attention interface
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
-from lorakit.errors import RequestError
+from lorakit.errors import ContextLengthError, RequestError
 from lorakit.routing import BASE_ADAPTER, Routing
 from lorakit.serve import attention
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.kv_cache import PagedKVCache
 from lorakit.serve.sampling import SamplingParams, generator_for, sample
 from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
+
+_log = logging.getLogger(__name__)
+_RATE_WINDOW_S = 10.0  # tokens_per_s in stats(): over the steps of the last 10 s
 
 
 @dataclass
@@ -47,6 +52,7 @@ class RequestOutput:
     queue_s: float
     ttft_s: float | None
     itl_s: list[float]
+    preemptions: int = 0
 
 
 class RequestHandle:
@@ -61,22 +67,17 @@ class RequestHandle:
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         while True:
-            event = self.seq.events.get() if self.engine.running_in_background else self._pump()
+            if not self.engine.running_in_background:
+                while self.seq.events.empty():
+                    self.engine.step()
+            event = self.seq.events.get()
             if event is None:
                 return
             yield event
 
-    def _pump(self):
-        while self.seq.events.empty():
-            self.engine.step()
-        return self.seq.events.get()
-
     async def __aiter__(self):
-        import asyncio
-
-        loop = asyncio.get_running_loop()
         while True:
-            event = await loop.run_in_executor(None, self.seq.events.get)
+            event = await self.seq.events.aget()
             if event is None:
                 return
             yield event
@@ -109,37 +110,52 @@ class Engine:
         self.eos_ids = set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
         self.adapters = AdapterCache(model, max_cpu_loras)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras, self._bind)
-        self.requests: dict[int, Sequence] = {}
         self.steps = 0
         self.tokens_out = 0
+        self.prompt_tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens sampled) of the last steps: tok/s
+        # Requests and aborts from other threads wait here for the next step, so a caller (a server's
+        # event loop) never blocks on a step in progress; deque appends are atomic.
+        self._arrivals: deque[Sequence] = deque()
+        self._aborts: deque[Sequence] = deque()
         self._step_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by a new request: the idle background loop starts a step
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | list[dict], adapter: str | None = None,
                     sampling: SamplingParams | None = None) -> RequestHandle:
-        """Queue a request (text, token ids, or chat messages); refused before any compute if it cannot fit."""
+        """Queue a request (text, token ids, or chat messages); refused before any compute if it cannot fit.
+
+        A resident adapter is bound now: the request runs with the version loaded at this moment,
+        whatever replaces or unloads it later. A cold one is bound when its load completes."""
         sampling = sampling or SamplingParams()
         ids = self._tokenize(prompt)
         if not ids:
             raise RequestError("The prompt is empty.")
-        if len(ids) + sampling.max_tokens > self.max_model_len:
-            raise RequestError(f"The prompt has {len(ids)} tokens and max_tokens is {sampling.max_tokens}: "
-                               f"{len(ids) + sampling.max_tokens} > max_model_len={self.max_model_len}. Shorten the "
-                               "prompt or lower max_tokens.")
-        if adapter is not None:
-            self.adapters.prefetch(adapter)  # unknown names fail here, before the request is queued
+        self.check_length(len(ids), sampling.max_tokens)
         seq = Sequence(ids, sampling, adapter, generator_for(sampling))
-        with self._step_lock:
-            self.requests[seq.id] = seq
-            self.scheduler.waiting.append(seq)
+        if adapter is not None:  # unknown names and failed loads raise here, before the request is queued
+            seq.version = self.adapters.acquire(adapter) or BASE_ADAPTER
+        self._arrivals.append(seq)
+        self._wake.set()
         return RequestHandle(self, seq)
 
+    def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise ContextLengthError(prompt_tokens, max_tokens, self.max_model_len)
+
     def abort(self, handle: RequestHandle) -> None:
-        with self._step_lock:
-            if not handle.seq.finished:
-                self._finish(handle.seq, "abort")
+        """Stop a request and free its KV blocks (at once, or before the next step of a background loop)."""
+        self._aborts.append(handle.seq)
+        if not self.running_in_background:
+            with self._step_lock:
+                self._take_inbox()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._arrivals)
 
     def generate(self, prompts: Seq[str | list[int] | list[dict]], adapters: Seq[str | None] | None = None,
                  sampling: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -181,10 +197,18 @@ class Engine:
     def step(self) -> int:
         """Schedule and run one forward; returns the number of sequences that ran."""
         with self._step_lock:
+            self._take_inbox()
             batch = self.scheduler.schedule()
             if not batch:
                 return 0
-            logits = self._forward(batch)
+            try:
+                logits = self._forward(batch)
+            except Exception as error:  # a bug must not stop the loop: this step's requests fail, others go on
+                _log.exception("engine step failed; failing its %d requests", len(batch))
+                for item in batch:
+                    item.seq.error = f"internal error in the engine step: {type(error).__name__}: {error}"
+                    self._finish(item.seq, "error")
+                return len(batch)
             now = time.perf_counter()
             row = 0
             for item in batch:
@@ -193,7 +217,21 @@ class Engine:
                     self._append(item.seq, sample(logits[row], item.seq.params, item.seq.generator), now)
                     row += 1
             self.steps += 1
+            self._recent.append((now, row))
+            while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
+                self._recent.popleft()
             return len(batch)
+
+    def _take_inbox(self) -> None:
+        while self._arrivals:
+            seq = self._arrivals.popleft()
+            self.prompt_tokens += len(seq.prompt_ids)
+            if not seq.finished:
+                self.scheduler.waiting.append(seq)
+        while self._aborts:
+            seq = self._aborts.popleft()
+            if not seq.finished:
+                self._finish(seq, "abort")
 
     def _forward(self, batch: list[Scheduled]) -> torch.Tensor:
         device = self.cache.k[0].device
@@ -236,19 +274,24 @@ class Engine:
         seq.output_ids.append(token)
         seq.token_times.append(now)
         self.tokens_out += 1
-        before = seq.text
         if self.tokenizer is not None:
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
         stop = next((s for s in seq.params.stop if s in seq.text), None)
         if stop is not None:
             seq.text = seq.text[: seq.text.index(stop)]
-        seq.events.put((token, seq.text[len(before):] if seq.text.startswith(before) else seq.text))
         if stop is not None or token in seq.params.stop_token_ids:
-            self._finish(seq, "stop")
+            reason = "stop"
         elif token in self.eos_ids and not seq.params.ignore_eos:
-            self._finish(seq, "stop")
-        elif len(seq.output_ids) >= seq.params.max_tokens:
-            self._finish(seq, "length")
+            reason = "stop"
+        else:
+            reason = "length" if len(seq.output_ids) >= seq.params.max_tokens else None
+        # Stream only settled text: not a partly decoded character (U+FFFD at the end), nor the start
+        # of a stop string that the next token may complete — unless this token is the last.
+        settled = len(seq.text) if reason else _settled_length(seq.text, seq.params.stop)
+        delta, seq.emitted = seq.text[seq.emitted:settled], max(seq.emitted, settled)
+        seq.events.put((token, delta))
+        if reason:
+            self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -271,12 +314,14 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             if not self.step():
-                time.sleep(0.002)
+                self._wake.wait(0.05)  # idle (or waiting for an adapter to load): sleep until a request comes
 
     def stop(self) -> None:
         if self._thread is not None:
             self._stop.set()
+            self._wake.set()
             self._thread.join()
             self._thread = None
         self.adapters.close()
@@ -288,16 +333,32 @@ class Engine:
             seq.id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finish_reason, seq.error,
             queue_s=(seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
             ttft_s=(times[0] - seq.arrival) if times else None,
-            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], preemptions=seq.preemptions,
         )
 
     def stats(self) -> dict:
+        """Counters and gauges a server exports (serve/metrics.py); latencies are per request (`output_of`)."""
         cache = self.adapters.stats
-        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        recent = list(self._recent)
+        span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
+        return {"running": len(self.scheduler.running), "waiting": self.waiting,
                 "kv_blocks_used": self.cache.used_blocks, "kv_blocks_total": self.cache.num_blocks,
-                "steps": self.steps, "tokens_out": self.tokens_out,
+                "steps": self.steps, "tokens_out": self.tokens_out, "prompt_tokens": self.prompt_tokens,
+                "tokens_per_s": round(sum(n for _, n in recent[1:]) / span, 2) if span else 0.0,
+                "adapters_resident": self.adapters.resident_count(),
                 "adapter_hits": cache.hits, "adapter_misses": cache.misses, "adapter_evictions": cache.evictions,
                 "adapter_loads": cache.loads, "adapter_load_s": round(cache.load_seconds, 4)}
+
+
+def _settled_length(text: str, stops: list[str]) -> int:
+    """How much of `text` can be streamed: no trailing U+FFFD, and no tail that starts a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return end
 
 
 def _as_list(value) -> list[int]:

@@ -18,7 +18,6 @@ preempted: its blocks are freed and it goes back to the front of the queue to be
 from __future__ import annotations
 
 import itertools
-import queue
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 from lorakit.routing import BASE_ADAPTER
 from lorakit.serve.kv_cache import PagedKVCache
 from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.stream import TokenStream
 
 _ids = itertools.count()
 
@@ -50,7 +50,8 @@ class Sequence:
     first_scheduled: float | None = None
     token_times: list[float] = field(default_factory=list)
     preemptions: int = 0
-    events: queue.Queue = field(default_factory=queue.Queue)  # streamed to the request's handle
+    emitted: int = 0  # characters of `text` already streamed
+    events: TokenStream = field(default_factory=TokenStream)  # streamed to the request's handle
 
     @property
     def tokens(self) -> list[int]:

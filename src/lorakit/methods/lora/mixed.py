@@ -79,7 +79,7 @@ def _plan(routing: Routing, slots: list[int], layout: Layout, per_entry: int, de
             tokens = rows.get(row, [])
             pad = length - len(tokens)
             index += tokens + [0] * pad
-            scale += [scaling[row]] * len(tokens) + [0.0] * pad
+            scale += [scaling.get(row, 0.0)] * len(tokens) + [0.0] * pad  # a free row in a dense span: no tokens
     return MixedPlan(torch.tensor(index, dtype=torch.long, device=device),
                      torch.tensor(scale, dtype=dtype, device=device).view(-1, 1), buckets, plain)
 

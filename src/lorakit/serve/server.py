@@ -1,0 +1,133 @@
+"""`lorakit serve`: build the engine from settings, put the HTTP API on it, run uvicorn, drain on SIGTERM.
+
+    lorakit serve --adapter support=adapters/support --adapter-dir adapters/ --port 8000
+
+Offline by default: the built-in SmolLM2-135M-Instruct, nothing downloaded. Every linear layer
+of the base is wrapped once at start (`PeftModel.for_serving`), so loading, replacing and
+unloading adapters later is a write into the weight banks, never a change of the module tree.
+
+SIGTERM drains: new requests get 503 (and /health 503, for a load balancer), requests in
+flight finish — for at most `shutdown_timeout` seconds, then they are aborted — and the
+process exits 0. A second SIGTERM or a Ctrl-C stops at once (uvicorn's own handling).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from lorakit.errors import ConfigError
+
+_DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class ServeSettings(BaseModel):
+    """Every option of `lorakit serve` (the CLI's flags are these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str | None = None
+    adapters: dict[str, Path] = Field(default_factory=dict)  # --adapter NAME=PATH: loaded at start
+    adapter_dirs: list[Path] = Field(default_factory=list)  # every adapter folder inside: loaded on first use
+    host: str = "127.0.0.1"
+    port: int = 8000
+    quantize: str | None = None  # nf4 | int8
+    dtype: str = "auto"
+    max_loras: int = Field(8, ge=1)
+    max_cpu_loras: int = Field(32, ge=1)
+    max_num_seqs: int = Field(16, ge=1)
+    max_model_len: int = Field(2048, ge=2)
+    max_num_batched_tokens: int = Field(512, ge=1)
+    kv_cache_memory_mb: int = Field(1024, ge=1)
+    max_queue: int = Field(256, ge=0)
+    api_key: str | None = None
+    admin_key: str | None = None
+    shutdown_timeout: float = Field(30.0, ge=0)
+    max_adapter_size_mb: int = Field(1024, ge=1)
+
+
+def adapter_folders(directory: Path) -> dict[str, Path]:
+    """{folder name: folder} for every adapter folder directly inside `directory` (a symlink that leads out
+    of it is passed over, as the admin API refuses one)."""
+    if not directory.is_dir():
+        raise ConfigError(f"--adapter-dir {directory} is not a directory.")
+    root = directory.resolve()
+    return {p.name: p for p in sorted(directory.iterdir())
+            if (p / "adapter_config.json").is_file() and p.resolve().is_relative_to(root)}
+
+
+def build_state(settings: ServeSettings):
+    """Load the base, wrap it for serving, start the engine and register the adapters."""
+    import lorakit
+    from lorakit.base_models import PUBLIC_IDS, builtin_alias, load_base, load_tokenizer
+    from lorakit.serve.api import ServerState
+    from lorakit.serve.engine import Engine
+
+    if settings.dtype not in _DTYPES:
+        raise ConfigError(f"--dtype {settings.dtype!r}: use one of {', '.join(_DTYPES)}.")
+    if settings.quantize not in (None, "nf4", "int8"):
+        raise ConfigError(f"--quantize {settings.quantize!r}: use nf4 or int8.")
+    base = load_base(settings.model, quantize=settings.quantize, dtype=_DTYPES[settings.dtype])
+    tokenizer = load_tokenizer(settings.model)
+    # r=1 only names the targets: every linear layer gets wrapped, no adapter is added.
+    model = lorakit.PeftModel.for_serving(base, lorakit.LoraConfig(r=1, target_modules="all-linear"))
+    engine = Engine(model, tokenizer, max_model_len=settings.max_model_len, max_num_seqs=settings.max_num_seqs,
+                    max_num_batched_tokens=settings.max_num_batched_tokens,
+                    kv_cache_memory=settings.kv_cache_memory_mb << 20, max_loras=settings.max_loras,
+                    max_cpu_loras=max(settings.max_cpu_loras, len(settings.adapters)))
+    alias = builtin_alias(settings.model)
+    public = PUBLIC_IDS[alias] if alias else str(settings.model)
+    name = settings.served_model_name or public
+    for directory in settings.adapter_dirs:
+        for adapter, folder in adapter_folders(directory).items():
+            engine.adapters.register(adapter, folder)
+    for adapter, folder in settings.adapters.items():  # loaded now: a bad file stops the start, with its message
+        engine.adapters.load(adapter, folder, replace=adapter in engine.adapters.entries, pinned=True).result()
+    engine.start()
+    return ServerState(engine, name, {name, public, str(settings.model)}, public, settings.api_key,
+                       settings.admin_key, list(settings.adapter_dirs), settings.max_queue,
+                       settings.max_adapter_size_mb << 20, created=int(time.time()))
+
+
+def run(settings: ServeSettings, ready=None) -> None:
+    """Serve until SIGTERM (drain, exit 0) or Ctrl-C. `ready(state)` is called once the port is bound."""
+    import uvicorn
+
+    from lorakit.serve.api import create_app
+
+    state = build_state(settings)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGTERM and not state.draining:
+                state.draining = True  # routes answer 503 from now on
+                threading.Thread(target=self._drain, name="lorakit-drain", daemon=True).start()
+                return  # not uvicorn's: it would re-raise SIGTERM after shutdown, and exit with -15
+            super().handle_exit(sig, frame)
+
+        def _drain(self) -> None:
+            deadline = time.monotonic() + settings.shutdown_timeout
+            while state.inflight and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for handle in list(state.inflight):  # past the timeout: aborted, their streams end
+                state.engine.abort(handle)
+            self.should_exit = True
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if ready is not None:
+                ready(state)
+
+    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=max(settings.shutdown_timeout, 1.0), access_log=False)
+    try:
+        DrainingServer(config).run()
+    finally:
+        state.engine.stop()
