@@ -102,6 +102,11 @@ def side_in_subprocess(script: Path, side: str, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def progress(message: str) -> None:
+    """One line on stderr (stdout carries the JSON): long benchmarks say where they are."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def emit(name: str, command: str, setup: dict, results: dict, ratios: dict) -> dict:
     report = {"benchmark": name, "command": command, "setup": setup, "machine": machine_info(),
               "results": results, "ratios": {k: round(v, 3) for k, v in ratios.items()}}

@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("adapter_io.py", []),
     ("mixed_batch.py", []),
     ("serve_engine.py", []),
+    ("serve_http.py", []),
     ("qlora_step.py", []),
     ("dora_step.py", []),
     ("demo_quality.py", []),

@@ -16,10 +16,10 @@ import httpx
 import openai
 import pytest
 import torch
+from server_process import ServerProcess
 
 import lorakit
 from chat_model import build_chat_model
-from server_process import ServerProcess
 
 ADMIN, KEY = "admin-secret", "inference-secret"
 QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
@@ -56,6 +56,11 @@ def files(tmp_path_factory):
     (bad / "escape").symlink_to(outside, target_is_directory=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     answers = {name: _peft_answer(base, folder, tokenizer) for name, folder in {**adapters, **variants}.items()}
+    own = AutoTokenizer.from_pretrained(model_dir)  # an adapter folder with its own chat template
+    own.chat_template = "{{ 'Answer briefly. ' }}" + own.chat_template
+    adapters["templated"] = _adapter(base, root / "templated", 1)  # alpha's weights, another template
+    own.save_pretrained(adapters["templated"])
+    answers["templated"] = _peft_answer(base, adapters["templated"], own)
     with torch.no_grad():
         ids = torch.tensor([_chat_ids(tokenizer)])
         plain = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
@@ -105,7 +110,7 @@ def _metric(server, name: str) -> float:
 
 def test_openai_client_chat_and_completions_streaming_or_not_answer_as_peft(server, files):
     client, answers = _client(server), files["answers"]
-    for model in ("alpha", "beta"):
+    for model in ("alpha", "beta", "templated"):  # templated: rendered with its own folder's chat template
         reply = client.chat.completions.create(model=model, messages=QUESTION, **GREEDY)
         assert reply.model == model and reply.choices[0].message.content == answers[model]
         assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6

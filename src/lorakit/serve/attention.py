@@ -66,10 +66,11 @@ def step_plan(plan: StepPlan) -> Iterator[None]:
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """(…, kv_heads, blocks·block_size, d) from block ids of shape (…, nb)."""
-    gathered = cache[blocks]  # (…, nb, kv_heads, bs, d)
-    *lead, nb, heads, bs, d = gathered.shape
-    return gathered.transpose(-3, -4).reshape(*lead, heads, nb * bs, d)
+    """(…, kv_heads, blocks·block_size, d) from block ids of shape (…, nb): one index_select, then views."""
+    *lead, nb = blocks.shape
+    _, bs, heads, d = cache.shape
+    gathered = cache.index_select(0, blocks.reshape(-1))  # (… · nb, bs, heads, d), token-major
+    return gathered.view(*lead, nb * bs, heads, d).transpose(-2, -3)
 
 
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -79,8 +80,8 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     k_cache, v_cache = plan.cache.k[module.layer_idx], plan.cache.v[module.layer_idx]
-    k_cache[plan.write_blocks, :, plan.write_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
-    v_cache[plan.write_blocks, :, plan.write_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
+    k_cache[plan.write_blocks, plan.write_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
+    v_cache[plan.write_blocks, plan.write_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
     q = query[0]  # (heads, T, d)
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # (T, heads, d)
     if len(plan.decode_tokens):

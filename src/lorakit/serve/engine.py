@@ -319,11 +319,16 @@ class Engine:
                 self._wake.wait(0.05)  # idle (or waiting for an adapter to load): sleep until a request comes
 
     def stop(self) -> None:
+        """Stop the background loop (requests still queued stay queued; `start()` resumes)."""
         if self._thread is not None:
             self._stop.set()
             self._wake.set()
             self._thread.join()
             self._thread = None
+
+    def close(self) -> None:
+        """Stop the loop and the adapter loader: the engine is done."""
+        self.stop()
         self.adapters.close()
 
     # -- results and statistics ----------------------------------------------------------------------------

@@ -130,4 +130,4 @@ def run(settings: ServeSettings, ready=None) -> None:
     try:
         DrainingServer(config).run()
     finally:
-        state.engine.stop()
+        state.engine.close()

@@ -1,7 +1,10 @@
-"""A real `lorakit serve` process on 127.0.0.1 and a free port, for tests and the benchmark.
+"""`ServerProcess`: a `lorakit serve` child process on 127.0.0.1 and a free port (tests, benchmarks, notebooks).
 
-Started with the same Python as the tests (`python -m lorakit serve …`), waited for until
-/health answers, and stopped by its own PID (SIGTERM, then SIGKILL if it lingers).
+    with ServerProcess("--adapter-dir", "adapters/") as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-")
+
+Started with this Python (`python -m lorakit serve …`), waited for until /health answers,
+stopped by its own PID (SIGTERM, which drains, then SIGKILL if it lingers).
 """
 
 from __future__ import annotations
