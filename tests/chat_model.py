@@ -78,3 +78,38 @@ def job_yaml(tmp_path: Path, model_dir: Path, fmt: str = "prompt_completion", **
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+# -- serving: a question, greedy settings, adapters that answer it differently, PEFT's answer as the oracle --
+QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
+GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+
+
+def save_adapter(base, folder: Path, seed: int, r: int = 8) -> Path:
+    """A random LoRA (B too) strong enough to change the greedy answer, saved as PEFT files in `folder`."""
+    import copy
+
+    import lorakit
+
+    torch.manual_seed(seed)
+    config = lorakit.LoraConfig(r=r, lora_alpha=8 * r, target_modules="all-linear", init_lora_weights=False)
+    lorakit.get_peft_model(copy.deepcopy(base), config).save_pretrained(folder)
+    return folder
+
+
+def chat_ids(tokenizer) -> list[int]:
+    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def peft_answer(base, folder: Path | None, tokenizer, max_new_tokens: int = 6) -> str:
+    """PEFT's greedy answer to QUESTION with the adapter in `folder` (None: the base alone)."""
+    import copy
+
+    import peft
+
+    model = copy.deepcopy(base) if folder is None else peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    ids = torch.tensor([chat_ids(tokenizer)])
+    with torch.no_grad():
+        out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -15,6 +15,7 @@ from rich.table import Table
 import lorakit
 from lorakit.base_models import DEFAULT_MODEL
 from lorakit.errors import LorakitError, TrainingInterrupted
+from lorakit.registry.cli import app as registry_app
 
 app = typer.Typer(
     name="lorakit",
@@ -22,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+app.add_typer(registry_app, name="registry")
 
 
 def _version(value: bool) -> None:
@@ -261,6 +263,11 @@ def serve(
     admin_key: str | None = typer.Option(None, envvar="LORAKIT_ADMIN_KEY", help="Admin key: turns the admin API on."),
     shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds in-flight requests get to finish."),
     max_adapter_size: int = typer.Option(1024, help="Largest adapter the admin API loads, in MiB."),
+    registry: str | None = typer.Option(None, help="Serve from a registry (folder or database URL): models NAME, "
+                                                   "NAME:alias, NAME@N; alias moves are followed."),
+    registry_blobs: Path | None = typer.Option(None, help="The registry's blob folder (with a database URL)."),
+    registry_alias: str = typer.Option("prod", help="The alias a bare NAME means."),
+    registry_poll: float = typer.Option(2.0, help="Seconds between checks for promotions and rollbacks."),
 ) -> None:
     """Serve the base model and many adapters over an OpenAI-compatible API, hot-swapped under load."""
     from lorakit.serve.server import ServeSettings, run
@@ -279,7 +286,8 @@ def serve(
         host=host, port=port, quantize=quantize, dtype=dtype, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_memory_mb=kv_cache_memory_mb, max_queue=max_queue, api_key=api_key or None,
-        admin_key=admin_key or None, shutdown_timeout=shutdown_timeout, max_adapter_size_mb=max_adapter_size)
+        admin_key=admin_key or None, shutdown_timeout=shutdown_timeout, max_adapter_size_mb=max_adapter_size,
+        registry=registry, registry_blobs=registry_blobs, registry_alias=registry_alias, registry_poll=registry_poll)
 
     def ready(state) -> None:
         adapters = len(state.engine.adapters.names())

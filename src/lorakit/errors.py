@@ -112,3 +112,18 @@ class ContextLengthError(RequestError):
 
 class AdapterLoadError(LorakitError, RuntimeError):
     """A registered adapter could not be loaded; carries the loader's own message."""
+
+
+class RegistryError(LorakitError, ValueError):
+    """A registry operation was refused: unknown reference, alias in the way, a failed gate."""
+
+
+class RegistryNotFound(RegistryError, KeyError):
+    """No adapter, version or alias by that reference."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class BlobIntegrityError(RegistryError):
+    """A stored adapter's files no longer hash to the digest they were pushed with (tampered or damaged)."""

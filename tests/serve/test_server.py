@@ -7,7 +7,6 @@ Every greedy answer is checked against PEFT's `generate` on the same base and ad
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from pathlib import Path
@@ -15,22 +14,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from server_process import ServerProcess
 
-import lorakit
-from chat_model import build_chat_model
+from chat_model import GREEDY, QUESTION, build_chat_model, chat_ids, peft_answer, save_adapter
 
 ADMIN, KEY = "admin-secret", "inference-secret"
-QUESTION = [{"role": "user", "content": "What is the capital of Veloria?"}]
-GREEDY = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
-
-
-def _adapter(base, folder: Path, seed: int, r: int = 8) -> Path:
-    torch.manual_seed(seed)
-    config = lorakit.LoraConfig(r=r, lora_alpha=8 * r, target_modules="all-linear", init_lora_weights=False)
-    lorakit.get_peft_model(copy.deepcopy(base), config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -42,48 +30,29 @@ def files(tmp_path_factory):
     model_dir = build_chat_model(tmp / "base")
     base = LlamaForCausalLM.from_pretrained(model_dir).eval()
     root = tmp / "root"
-    adapters = {"alpha": _adapter(base, root / "alpha", 1), "beta": _adapter(base, root / "beta", 2, r=4)}
-    variants = {f"h{i}_v{v}": _adapter(base, root / "variants" / f"h{i}_v{v}", 10 + 2 * i + v)
+    adapters = {"alpha": save_adapter(base, root / "alpha", 1), "beta": save_adapter(base, root / "beta", 2, r=4)}
+    variants = {f"h{i}_v{v}": save_adapter(base, root / "variants" / f"h{i}_v{v}", 10 + 2 * i + v)
                 for i in range(3) for v in (1, 2)}
     bad = root / "bad"
-    corrupt = _adapter(base, bad / "corrupt", 3)
+    corrupt = save_adapter(base, bad / "corrupt", 3)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 50)
-    pickled = _adapter(base, bad / "pickled", 4)
+    pickled = save_adapter(base, bad / "pickled", 4)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     other_base = LlamaForCausalLM.from_pretrained(build_chat_model(tmp / "other", seed=7)).eval()
-    _adapter(other_base, bad / "other_base", 5)
-    outside = _adapter(base, tmp / "outside" / "adapter", 6)
+    save_adapter(other_base, bad / "other_base", 5)
+    outside = save_adapter(base, tmp / "outside" / "adapter", 6)
     (bad / "escape").symlink_to(outside, target_is_directory=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    answers = {name: _peft_answer(base, folder, tokenizer) for name, folder in {**adapters, **variants}.items()}
+    answers = {name: peft_answer(base, folder, tokenizer) for name, folder in {**adapters, **variants}.items()}
     own = AutoTokenizer.from_pretrained(model_dir)  # an adapter folder with its own chat template
     own.chat_template = "{{ 'Answer briefly. ' }}" + own.chat_template
-    adapters["templated"] = _adapter(base, root / "templated", 1)  # alpha's weights, another template
+    adapters["templated"] = save_adapter(base, root / "templated", 1)  # alpha's weights, another template
     own.save_pretrained(adapters["templated"])
-    answers["templated"] = _peft_answer(base, adapters["templated"], own)
-    with torch.no_grad():
-        ids = torch.tensor([_chat_ids(tokenizer)])
-        plain = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    answers["__base__"] = tokenizer.decode(plain[0, ids.shape[1]:], skip_special_tokens=True)
+    answers["templated"] = peft_answer(base, adapters["templated"], own)
+    answers["__base__"] = peft_answer(base, None, tokenizer)
     assert len(set(answers.values())) == len(answers), "the oracle answers must tell the adapters apart"
     return {"model": model_dir, "root": root, "adapters": adapters, "variants": variants, "outside": outside,
             "answers": answers}
-
-
-def _chat_ids(tokenizer) -> list[int]:
-    return tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
-
-
-def _peft_answer(base, folder: Path, tokenizer) -> str:
-    import peft
-
-    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
-    ids = torch.tensor([_chat_ids(tokenizer)])
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +92,7 @@ def test_openai_client_chat_and_completions_streaming_or_not_answer_as_peft(serv
     assert reply.choices[0].message.content == answers["__base__"]  # the base's name: no adapter
     from transformers import AutoTokenizer
 
-    ids = _chat_ids(AutoTokenizer.from_pretrained(files["model"]))
+    ids = chat_ids(AutoTokenizer.from_pretrained(files["model"]))
     text = client.completions.create(model="alpha", prompt=ids, **GREEDY)
     streamed = client.completions.create(model="alpha", prompt=ids, stream=True, **GREEDY)
     assert text.choices[0].text == "".join(c.choices[0].text for c in streamed) == answers["alpha"]

@@ -62,3 +62,7 @@ class AdapterMethod(Protocol):
 
     def summarize(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """For `lorakit inspect`: {"target_modules": [...], "ranks": {rank: count}} of a file's tensors."""
+
+    def module_deltas(self, tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+        """{module: what the adapter changes there, as one tensor} from a file's tensors — comparable across
+        versions whatever the factorisation (`lorakit registry diff`)."""

@@ -51,6 +51,7 @@ class ServerState:
     max_adapter_bytes: int = 1 << 30
     created: int = 0
     draining: bool = False
+    sync: object | None = None  # a RegistrySync when the server follows a registry
     inflight: set[RequestHandle] = field(default_factory=set)
     metrics: ServerMetrics = field(init=False)
     _tokenizers: dict[Path, object] = field(default_factory=dict)
@@ -62,7 +63,9 @@ class ServerState:
         """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""
         if model in self.base_names:
             return None
-        if model in self.engine.adapters.entries:
+        if self.sync is not None and model in self.sync.refused:
+            raise ApiError(400, self.sync.refused[model], param="model", code="adapter_refused")
+        if model in self.engine.adapters.entries or (self.sync is not None and self.sync.knows(model)):
             return model
         raise ApiError(404, f"The model `{model}` does not exist. Served: {self.base_name} (the base model) and the "
                             "adapters listed by GET /v1/models.", param="model", code="model_not_found")
@@ -234,8 +237,10 @@ def inference_router(state: ServerState) -> APIRouter:
                     "parent": parent, "max_model_len": state.engine.max_model_len, "permission": []}
 
         cards = [card(state.base_name, state.base_root, None)]
-        cards += [card(name, str(state.engine.adapters.path_of(name)), state.base_name)
-                  for name in state.engine.adapters.names()]
+        def root(name: str) -> str:
+            return (state.sync.root_of(name) if state.sync else None) or str(state.engine.adapters.path_of(name))
+
+        cards += [card(name, root(name), state.base_name) for name in state.engine.adapters.names()]
         return {"object": "list", "data": cards}
 
     return router

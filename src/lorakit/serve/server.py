@@ -51,6 +51,10 @@ class ServeSettings(BaseModel):
     admin_key: str | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
     max_adapter_size_mb: int = Field(1024, ge=1)
+    registry: str | None = None  # follow a registry (a folder or a database URL)
+    registry_blobs: Path | None = None
+    registry_alias: str = "prod"  # what a bare NAME means
+    registry_poll: float = Field(2.0, gt=0)  # seconds between alias checks
 
 
 def adapter_folders(directory: Path) -> dict[str, Path]:
@@ -91,9 +95,17 @@ def build_state(settings: ServeSettings):
     for adapter, folder in settings.adapters.items():  # loaded now: a bad file stops the start, with its message
         engine.adapters.load(adapter, folder, replace=adapter in engine.adapters.entries, pinned=True).result()
     engine.start()
+    sync = None
+    if settings.registry is not None:
+        from lorakit.registry.cli import open_registry
+        from lorakit.serve.registry_sync import RegistrySync
+
+        sync = RegistrySync(open_registry(settings.registry, settings.registry_blobs), engine, settings.registry_alias,
+                            settings.registry_poll)
+        sync.start()
     return ServerState(engine, name, {name, public, str(settings.model)}, public, settings.api_key,
                        settings.admin_key, list(settings.adapter_dirs), settings.max_queue,
-                       settings.max_adapter_size_mb << 20, created=int(time.time()))
+                       settings.max_adapter_size_mb << 20, created=int(time.time()), sync=sync)
 
 
 def run(settings: ServeSettings, ready=None) -> None:
@@ -130,4 +142,6 @@ def run(settings: ServeSettings, ready=None) -> None:
     try:
         DrainingServer(config).run()
     finally:
+        if state.sync is not None:
+            state.sync.stop()
         state.engine.close()

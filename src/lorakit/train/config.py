@@ -6,6 +6,7 @@
     data: {train: data/train.jsonl, eval: null, format: auto, max_seq_len: 512, packing: false}
     train: {max_steps: 200, batch_size: 8, learning_rate: 2.0e-4, ...}
     eval: {max_examples: 64, max_new_tokens: 48, samples: 3}
+    register: {name: support, alias: staging}   # optional: push the adapter to the registry
     output_dir: runs/example
 
 `lora:` takes every `LoraConfig` field; the keys given override the job's defaults one by
@@ -91,6 +92,16 @@ class EvalConfig:
     batch_size: int = 8
 
 
+@dataclass
+class RegisterConfig:
+    """Push the finished adapter to the registry (with this config, the data digest and the eval)."""
+
+    name: str | None = None  # the adapter's registry name; unset: nothing is pushed
+    alias: str | None = None  # e.g. staging
+    registry: str | None = None  # a folder or database URL (default: $LORAKIT_REGISTRY, ~/.cache/lorakit/registry)
+    blobs: str | None = None  # the blob folder, with a database URL
+
+
 def _default_lora() -> dict[str, Any]:
     return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
@@ -103,6 +114,7 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     output_dir: str = "runs/example"
     base_dir: Path = field(default=Path("."), repr=False, compare=False)  # the config file's folder; not a key
 

@@ -270,8 +270,21 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     plot_losses(metrics, out / "loss.png")
     write_report(out / "report.md", summary)
     print_comparison(comparison, console)
+    if config.register.name:
+        summary["registered"] = register_run(config, summary).ref
+        console.print(f"registry: {summary['registered']}"
+                      + (f" ({config.register.name}:{config.register.alias})" if config.register.alias else ""))
     console.print(f"adapter: {out / 'adapter'}\nreport:  {out / 'report.md'}\nplot:    {out / 'loss.png'}")
     return summary
+
+
+def register_run(config: JobConfig, summary: dict):
+    """The job's `register:` section: push the adapter with its config, data digest and eval."""
+    from lorakit.registry.cli import open_registry
+    from lorakit.registry.training import push_run
+
+    registry = open_registry(config.register.registry, Path(config.register.blobs) if config.register.blobs else None)
+    return push_run(registry, config.register.name, config.register.alias, summary, config.to_yaml())
 
 
 def run_demo(model: str, output_dir: str, overrides: list[str]) -> dict:

@@ -81,5 +81,9 @@ class IA3Method:
         return {"target_modules": sorted(key.rsplit(".ia3_l", 1)[0] for key in tensors if key.endswith(".ia3_l")),
                 "ranks": {}}
 
+    def module_deltas(self, tensors: dict[str, torch.Tensor], config: IA3Config) -> dict[str, torch.Tensor]:
+        """The learned scaling minus one: what each module's output (or input) is multiplied by, above identity."""
+        return {key.rsplit(".ia3_l", 1)[0]: t.float() - 1 for key, t in tensors.items() if key.endswith(".ia3_l")}
+
 
 IA3 = IA3Method()

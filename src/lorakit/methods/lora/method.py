@@ -108,5 +108,16 @@ class LoraMethod:
         ranks = Counter(tensors[k].shape[0] for k in tensors if k.endswith(A_NAMES))
         return {"target_modules": modules, "ranks": {str(r): n for r, n in sorted(ranks.items())}}
 
+    def module_deltas(self, tensors: dict[str, torch.Tensor], config: LoraConfig) -> dict[str, torch.Tensor]:
+        """ΔW = s·B·A per module (A, B alone are not comparable: BA = (BM)(M⁻¹A) for any M)."""
+        deltas = {}
+        for key, a in tensors.items():
+            for a_name, b_name in (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B")):
+                if key.endswith(f".{a_name}"):
+                    module = key[: -len(a_name) - 1]
+                    b = tensors[f"{module}.{b_name}"].float()
+                    deltas[module] = config.scaling_for(module) * (b @ a.float())
+        return deltas
+
 
 LORA = LoraMethod()

@@ -1,0 +1,50 @@
+"""Training meets the registry: a job's `register:` section pushes its adapter with its config, data
+digest and eval; `retrain` re-runs a version's recorded config on another base (the seeds' base-
+update lock-in: adapters trained on the old base must be re-adapted) and pushes the result with
+its lineage."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+from lorakit.errors import RegistryError
+from lorakit.registry.store import Registry, VersionInfo
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def push_run(registry: Registry, name: str, alias: str | None, summary: dict, config_yaml: str,
+             parent: str | None = None) -> VersionInfo:
+    """Push a finished `lorakit train` run (its summary.json contents) as the next version of `name`."""
+    out = Path(summary["output_dir"])
+    comparison = summary["comparison"]
+    metrics = {"job": {"base": comparison["base"], "adapter": comparison["adapter"], "examples": comparison["examples"],
+                       "steps": summary["run"]["steps"], "final_eval_loss": summary["run"]["final_eval_loss"],
+                       "model": summary["model"]}}
+    return registry.push(name, out / "adapter", alias=alias, source_run=str(out), metrics=metrics,
+                         data_digest=file_digest(summary["paths"]["train"]), train_config=config_yaml, parent=parent)
+
+
+def retrain(registry: Registry, ref: str, base: str, output_dir: Path | None = None,
+            alias: str | None = None) -> VersionInfo:
+    from lorakit.train.config import load_job_config
+    from lorakit.train.job import run_train
+
+    info = registry.resolve(ref)
+    recorded = registry.train_config(info.ref)
+    if recorded is None:
+        raise RegistryError(f"{info.ref} was not pushed by `lorakit train` (no training config recorded), so it "
+                            "cannot be retrained; train it on the new base yourself and push that.")
+    out = str(output_dir or Path("runs") / f"{info.name}-retrain")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(recorded)
+        job = load_job_config(path, [f"model={base}", f"output_dir={out}", "register.name=null"])
+    summary = run_train(job, overwrite=True)
+    return push_run(registry, info.name, alias, summary, job.to_yaml(), parent=info.ref)
