@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from registry_fixtures import backend, postgres, tiny  # noqa: F401 - fixtures
 from typer.testing import CliRunner
 
 from lorakit.cli import app

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from server_process import ServerProcess
 
 from chat_model import GREEDY, QUESTION, build_chat_model, chat_ids, peft_answer, save_adapter
+from lorakit.serve.process import ServerProcess
 
 ADMIN, KEY = "admin-secret", "inference-secret"
 

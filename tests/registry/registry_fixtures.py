@@ -1,19 +1,15 @@
-"""Registry fixtures: a tiny chat model and adapters on it (and one on another base), and a registry on
+"""Registry fixtures (imported by the registry tests; not a conftest.py, which would shadow tests/conftest.py): a tiny chat model and adapters on it (and one on another base), and a registry on
 SQLite or on a real PostgreSQL server (the same tests run on both)."""
 
 from __future__ import annotations
 
 import itertools
 import os
-import sys
-from pathlib import Path
 
 import pytest
+from postgres import Postgres, unavailable
 
-sys.path.insert(0, str(Path(__file__).parent))
-from postgres import Postgres, unavailable  # noqa: E402
-
-from chat_model import FACTS, build_chat_model, save_adapter, write_jsonl  # noqa: E402
+from chat_model import FACTS, build_chat_model, save_adapter, write_jsonl
 
 _databases = itertools.count()
 
