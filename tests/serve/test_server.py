@@ -283,8 +283,10 @@ def test_queue_limit_429_then_sigterm_drains_in_flight_requests_and_exits_0(file
             async def crowd():
                 async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
                     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
-                    running = [asyncio.create_task(one(http, 80)) for _ in range(2)]
-                    await asyncio.sleep(0.3)
+                    running = []
+                    for _ in range(2):  # one running, one waiting: the queue is full
+                        running.append(asyncio.create_task(one(http, 200)))
+                        await asyncio.sleep(0.3)
                     try:
                         await client.chat.completions.create(model="alpha", messages=QUESTION, max_tokens=2)
                     finally:
@@ -293,8 +295,10 @@ def test_queue_limit_429_then_sigterm_drains_in_flight_requests_and_exits_0(file
 
         async def drain() -> tuple[list[dict], int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                running = [asyncio.create_task(one(client, 120)) for _ in range(2)]
-                await asyncio.sleep(0.5)
+                running = []
+                for _ in range(2):  # one running, one waiting (spaced: the queue holds one, or it is a 429)
+                    running.append(asyncio.create_task(one(client, 200)))
+                    await asyncio.sleep(0.4)
                 server.signal()
                 await asyncio.sleep(0.3)
                 refused = await one(client, 2)
@@ -302,7 +306,7 @@ def test_queue_limit_429_then_sigterm_drains_in_flight_requests_and_exits_0(file
 
         finished, refused = asyncio.run(drain())
         assert refused == 503
-        assert all(f["choices"][0]["finish_reason"] == "length" and f["usage"]["completion_tokens"] == 120
+        assert all(f["choices"][0]["finish_reason"] == "length" and f["usage"]["completion_tokens"] == 200
                    for f in finished)
         assert server.wait(timeout=30) == 0
 

@@ -25,7 +25,6 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 
@@ -34,25 +33,13 @@ from lorakit.routing import BASE_ADAPTER, Routing
 from lorakit.serve import attention
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.kv_cache import PagedKVCache
+from lorakit.serve.outputs import RequestOutput, output_of, settle
+from lorakit.serve.packing import pack
 from lorakit.serve.sampling import SamplingParams, generator_for, sample
 from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
 
 _log = logging.getLogger(__name__)
 _RATE_WINDOW_S = 10.0  # tokens_per_s in stats(): over the steps of the last 10 s
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None  # "stop", "length", "abort", "error"
-    error: str | None
-    queue_s: float
-    ttft_s: float | None
-    itl_s: list[float]
-    preemptions: int = 0
 
 
 class RequestHandle:
@@ -234,61 +221,21 @@ class Engine:
                 self._finish(seq, "abort")
 
     def _forward(self, batch: list[Scheduled]) -> torch.Tensor:
+        """One forward over the packed step (packing.py); the logits of the positions that sample."""
+        step = pack(batch, self.cache)
         device = self.cache.k[0].device
-        ids, positions, names, keep, prefills = [], [], [], [], []
-        blocks, offsets, decode_tokens, decode_tables, decode_lengths = [], [], [], [], []
-        size = self.cache.block_size
-        for item in batch:
-            seq, start = item.seq, len(ids)
-            span = range(item.start, item.start + item.count)
-            ids += seq.tokens[item.start:item.start + item.count]
-            positions += span
-            names += [seq.version] * item.count
-            blocks += [seq.blocks[p // size] for p in span]
-            offsets += [p % size for p in span]
-            if item.count == 1:
-                decode_tokens.append(start)
-                decode_tables.append(seq.blocks[: self.cache.blocks_for(item.start + 1)])
-                decode_lengths.append(item.start + 1)
-            else:
-                table = seq.blocks[: self.cache.blocks_for(item.start + item.count)]
-                prefills.append(attention.PrefillChunk(start, item.count, item.start,
-                                                       torch.tensor(table, dtype=torch.long, device=device)))
-            if item.samples:
-                keep.append(len(ids) - 1)
-        width = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=device)
-        lengths = torch.tensor(decode_lengths, dtype=torch.long, device=device)
-        mask = (torch.arange(width * size, device=device)[None, :] < lengths[:, None])[:, None, None, :]
-        plan = attention.StepPlan(self.cache, torch.tensor(blocks, device=device), torch.tensor(offsets, device=device),
-                                  torch.tensor(decode_tokens, dtype=torch.long, device=device), tables.view(len(decode_tables), width),
-                                  mask, prefills)
-        routing = Routing(names, per_token=True)
-        with torch.no_grad(), attention.step_plan(plan):
-            out = self.model(input_ids=torch.tensor([ids], device=device),
-                             position_ids=torch.tensor([positions], device=device), use_cache=False,
-                             adapter_names=routing, logits_to_keep=torch.tensor(keep, device=device))
+        with torch.no_grad(), attention.step_plan(step.plan):
+            out = self.model(input_ids=torch.tensor([step.ids], device=device),
+                             position_ids=torch.tensor([step.positions], device=device), use_cache=False,
+                             adapter_names=Routing(step.names, per_token=True),
+                             logits_to_keep=torch.tensor(step.keep, device=device))
         return out.logits[0]
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
         seq.token_times.append(now)
         self.tokens_out += 1
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        stop = next((s for s in seq.params.stop if s in seq.text), None)
-        if stop is not None:
-            seq.text = seq.text[: seq.text.index(stop)]
-        if stop is not None or token in seq.params.stop_token_ids:
-            reason = "stop"
-        elif token in self.eos_ids and not seq.params.ignore_eos:
-            reason = "stop"
-        else:
-            reason = "length" if len(seq.output_ids) >= seq.params.max_tokens else None
-        # Stream only settled text: not a partly decoded character (U+FFFD at the end), nor the start
-        # of a stop string that the next token may complete — unless this token is the last.
-        settled = len(seq.text) if reason else _settled_length(seq.text, seq.params.stop)
-        delta, seq.emitted = seq.text[seq.emitted:settled], max(seq.emitted, settled)
+        reason, delta = settle(seq, token, self.tokenizer, self.eos_ids)
         seq.events.put((token, delta))
         if reason:
             self._finish(seq, reason)
@@ -333,13 +280,7 @@ class Engine:
 
     # -- results and statistics ----------------------------------------------------------------------------
     def output_of(self, seq: Sequence) -> RequestOutput:
-        times = seq.token_times
-        return RequestOutput(
-            seq.id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finish_reason, seq.error,
-            queue_s=(seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
-            ttft_s=(times[0] - seq.arrival) if times else None,
-            itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], preemptions=seq.preemptions,
-        )
+        return output_of(seq)
 
     def stats(self) -> dict:
         """Counters and gauges a server exports (serve/metrics.py); latencies are per request (`output_of`)."""
@@ -353,17 +294,6 @@ class Engine:
                 "adapters_resident": self.adapters.resident_count(),
                 "adapter_hits": cache.hits, "adapter_misses": cache.misses, "adapter_evictions": cache.evictions,
                 "adapter_loads": cache.loads, "adapter_load_s": round(cache.load_seconds, 4)}
-
-
-def _settled_length(text: str, stops: list[str]) -> int:
-    """How much of `text` can be streamed: no trailing U+FFFD, and no tail that starts a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return end
 
 
 def _as_list(value) -> list[int]:

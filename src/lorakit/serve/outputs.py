@@ -1,0 +1,67 @@
+"""What a request gives back: the text streamed so far, why it finished, and its timings.
+
+`settle` turns one new token into the text to stream and, if the request is done, the finish
+reason: a stop string (the text is cut before it), a stop token id, EOS, or max_tokens. Only
+settled text is streamed — never a partly decoded character (U+FFFD at the end) nor the start
+of a stop string that the next token may complete — so a stream's deltas add up to the final
+text exactly (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lorakit.serve.scheduler import Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop", "length", "abort", "error"
+    error: str | None
+    queue_s: float
+    ttft_s: float | None
+    itl_s: list[float]
+    preemptions: int = 0
+
+
+def output_of(seq: Sequence) -> RequestOutput:
+    times = seq.token_times
+    return RequestOutput(
+        seq.id, seq.prompt_ids, list(seq.output_ids), seq.text, seq.finish_reason, seq.error,
+        queue_s=(seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
+        ttft_s=(times[0] - seq.arrival) if times else None,
+        itl_s=[b - a for a, b in zip(times, times[1:], strict=False)], preemptions=seq.preemptions,
+    )
+
+
+def settle(seq: Sequence, token: int, tokenizer, eos_ids: set[int]) -> tuple[str | None, str]:
+    """(finish reason or None, text delta to stream) after `token` was appended to `seq.output_ids`."""
+    if tokenizer is not None:
+        seq.text = tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+    stop = next((s for s in seq.params.stop if s in seq.text), None)
+    if stop is not None:
+        seq.text = seq.text[: seq.text.index(stop)]
+    if stop is not None or token in seq.params.stop_token_ids:
+        reason = "stop"
+    elif token in eos_ids and not seq.params.ignore_eos:
+        reason = "stop"
+    else:
+        reason = "length" if len(seq.output_ids) >= seq.params.max_tokens else None
+    settled = len(seq.text) if reason else _settled_length(seq.text, seq.params.stop)
+    delta, seq.emitted = seq.text[seq.emitted:settled], max(seq.emitted, settled)
+    return reason, delta
+
+
+def _settled_length(text: str, stops: list[str]) -> int:
+    """How much of `text` can be streamed: no trailing U+FFFD, and no tail that starts a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return end
