@@ -265,7 +265,7 @@ def serve(
     max_adapter_size: int = typer.Option(1024, help="Largest adapter the admin API loads, in MiB."),
     registry: str | None = typer.Option(None, help="Serve from a registry (folder or database URL): models NAME, "
                                                    "NAME:alias, NAME@N; alias moves are followed."),
-    registry_blobs: Path | None = typer.Option(None, help="The registry's blob folder (with a database URL)."),
+    registry_blobs: str | None = typer.Option(None, help="The registry's blob store (a folder or an fsspec URL)."),
     registry_alias: str = typer.Option("prod", help="The alias a bare NAME means."),
     registry_poll: float = typer.Option(2.0, help="Seconds between checks for promotions and rollbacks."),
 ) -> None:

@@ -37,7 +37,7 @@ def test_push_resolve_pull_and_identical_pushes_stored_once(backend, tiny, tmp_p
     pulled = registry.pull("support@2", tmp_path / "pulled")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (pulled / name).read_bytes() == (tiny["adapters"]["v2"] / name).read_bytes()
-    weights = registry.blobs.path(second.digest) / "adapter_model.safetensors"  # tamper with the stored file
+    weights = Path(registry.blobs.url(second.digest)) / "adapter_model.safetensors"  # tamper with the stored file
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -230,3 +230,23 @@ def test_training_pushes_with_register_and_retrain_reruns_on_another_base(tiny, 
     other = base_fingerprint(LlamaForCausalLM.from_pretrained(tiny["other"]))
     matches = {r["ref"]: r["match"] for r in registry.check(other)}
     assert matches == {"facts@1": False, "facts@2": True}  # the retrained version belongs to the new base
+
+
+def test_blobs_behind_an_fsspec_url_are_verified_through_a_local_cache(tiny, tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "cache"))
+    store = f"memory://lorakit-{tmp_path.name}/blobs"
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}", store)
+    first = registry.push("support", tiny["adapters"]["v1"])
+    assert registry.push("support", tiny["adapters"]["v1"]).digest == first.digest and len(registry.blobs.digests()) == 1
+    folder = registry.blob_folder(first)  # a verified local copy, for the loader
+    assert folder.is_relative_to(tmp_path / "cache") and read_adapter(folder).config.r == 8
+    pulled = registry.pull("support@1", tmp_path / "pulled")
+    assert (pulled / "adapter_model.safetensors").read_bytes() == (
+        tiny["adapters"]["v1"] / "adapter_model.safetensors").read_bytes()
+    fsspec.filesystem("memory").pipe(f"{registry.blobs.url(first.digest)}/adapter_model.safetensors", b"tampered")
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "fresh-cache"))  # another machine, nothing cached
+    with pytest.raises(BlobIntegrityError, match="does not match its digest"):
+        Registry(f"sqlite:///{tmp_path / 'registry.db'}", store).pull("support@1", tmp_path / "again")
+    assert not (tmp_path / "fresh-cache" / "blob-cache" / first.digest).exists()  # the bad copy is not kept

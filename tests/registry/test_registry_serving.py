@@ -73,7 +73,7 @@ def test_two_servers_on_postgresql_switch_together_and_refuse_what_is_unsafe(pos
 
         other = registry.push("support", tiny["adapters"]["other_base"], alias="canary")  # trained on another base
         tampered = registry.push("support", tiny["adapters"]["v3"])
-        weights = registry.blobs.path(tampered.digest) / "adapter_model.safetensors"
+        weights = Path(registry.blobs.url(tampered.digest)) / "adapter_model.safetensors"
         data = bytearray(weights.read_bytes())
         data[-3] ^= 0xFF
         weights.write_bytes(bytes(data))

@@ -1,12 +1,13 @@
-"""Content-addressed adapter blobs: a folder stored under the SHA-256 of its files.
+"""Content-addressed adapter blobs: a folder stored under the SHA-256 of its files, on any fsspec
+filesystem — a local or shared (NFS) path, or a URL (`s3://…`, `gs://…`, `memory://…`).
 
 The digest covers every file's name and bytes (sorted by name), so identical pushes are
-stored once, and a folder whose bytes changed after the push — tampered, truncated, a
-bit flipped on disk — no longer matches its digest and is refused on pull and on serve.
-A blob is written to a temporary folder beside the store and renamed into place, so a push
-that dies midway leaves no half blob (only a temporary folder that `gc` removes).
-
-The store is a local or shared (NFS) path; fsspec URLs are not wired yet.
+stored once, and a blob whose bytes changed after the push — tampered, truncated, a bit
+flipped — no longer matches its digest and is refused on pull and on serve. A blob is
+uploaded into a temporary folder beside the store and moved into place: on a local disk that
+is an atomic rename; on an object store the move is a copy, and the digest check on every read
+is what guarantees that a half-written blob is never used. Blobs on a remote filesystem are
+read through a local cache of verified copies (the loader needs files on disk).
 """
 
 from __future__ import annotations
@@ -15,32 +16,52 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from lorakit.errors import BlobIntegrityError, RegistryError
 
 _CHUNK = 1 << 20
+_INCOMING = ".incoming-"
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over (name, sha256 of bytes) of every file in `folder`, in name order (no subfolders)."""
+def _digest_of(files: list[tuple[str, object]], open_file) -> str:
+    """sha256 over (name, sha256 of bytes) of each file, in name order."""
     outer = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+    for name, handle in sorted(files, key=lambda item: item[0]):
         inner = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
+        with open_file(handle) as stream:
+            while chunk := stream.read(_CHUNK):
                 inner.update(chunk)
-        outer.update(path.name.encode() + b"\0" + inner.hexdigest().encode() + b"\n")
+        outer.update(name.encode() + b"\0" + inner.hexdigest().encode() + b"\n")
     return outer.hexdigest()
 
 
-class BlobStore:
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+def folder_digest(folder: Path) -> str:
+    """The digest of a local folder's files (no subfolders)."""
+    return _digest_of([(p.name, p) for p in Path(folder).iterdir() if p.is_file()], lambda p: p.open("rb"))
 
-    def path(self, digest: str) -> Path:
-        return self.root / digest
+
+class BlobStore:
+    def __init__(self, root: str | os.PathLike, cache: Path | None = None):
+        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.fs.makedirs(self.root, exist_ok=True)
+        if cache is None:
+            from lorakit.base_models import cache_dir
+
+            cache = cache_dir() / "blob-cache"
+        self.cache = Path(cache)
+
+    def url(self, digest: str) -> str:
+        return f"{self.root.rstrip('/')}/{digest}"
+
+    def _remote_digest(self, path: str) -> str:
+        files = [(Path(e["name"]).name, e["name"]) for e in self.fs.ls(path, detail=True) if e["type"] == "file"]
+        return _digest_of(files, lambda name: self.fs.open(name, "rb"))
 
     def put(self, folder: Path) -> tuple[str, int]:
         """Store `folder`'s files (once per content); returns (digest, bytes)."""
@@ -49,33 +70,48 @@ class BlobStore:
             raise RegistryError(f"{folder} is not an adapter folder (no adapter_config.json).")
         digest = folder_digest(folder)
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        if self.path(digest).is_dir():
+        if self.fs.isdir(self.url(digest)):
             return digest, size
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
+        staging = f"{self.root.rstrip('/')}/{_INCOMING}{uuid.uuid4().hex}"
+        self.fs.makedirs(staging, exist_ok=True)
         for item in folder.iterdir():
             if item.is_file():
-                shutil.copyfile(item, staging / item.name)
-                with (staging / item.name).open("rb") as handle:
-                    os.fsync(handle.fileno())
-        if folder_digest(staging) != digest:  # the source changed while we copied it
-            shutil.rmtree(staging)
+                self.fs.put_file(str(item), f"{staging}/{item.name}")
+        if self._remote_digest(staging) != digest:  # the source changed while it was uploaded
+            self.fs.rm(staging, recursive=True)
             raise RegistryError(f"{folder} changed while it was being pushed; push it again.")
         try:
-            os.rename(staging, self.path(digest))
-        except OSError:  # another push of the same content won the race
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.fs.isdir(self.url(digest)):  # another push of the same content won the race
+                raise FileExistsError
+            self.fs.mv(staging, self.url(digest), recursive=True)
+        except OSError:
+            self.fs.rm(staging, recursive=True)
         return digest, size
 
     def verify(self, digest: str) -> Path:
-        """The blob's folder, after checking its files still hash to `digest`."""
-        path = self.path(digest)
-        if not path.is_dir():
+        """A local folder holding the blob's files, checked against `digest` (for a remote store: a verified
+        copy in the local cache)."""
+        if not self.fs.isdir(self.url(digest)):
             raise BlobIntegrityError(f"Blob {digest[:12]} is missing from {self.root}.")
-        actual = folder_digest(path)
+        if self.is_local:
+            folder = Path(self.url(digest))
+        else:
+            folder = self.cache / digest
+            if not folder.is_dir():
+                self.cache.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(prefix=_INCOMING, dir=self.cache))
+                self.fs.get(f"{self.url(digest)}/", f"{staging}/", recursive=True)
+                if folder.exists():  # another reader fetched it meanwhile
+                    shutil.rmtree(staging)
+                else:
+                    os.replace(staging, folder)
+        actual = folder_digest(folder)
         if actual != digest:
+            if not self.is_local:
+                shutil.rmtree(folder, ignore_errors=True)  # a bad download or a tampered store: fetch again next time
             raise BlobIntegrityError(f"Blob {digest[:12]} in {self.root} does not match its digest (now {actual[:12]}): "
                                      "its files were changed after the push. Refusing it; push the adapter again.")
-        return path
+        return folder
 
     def copy_to(self, digest: str, destination: Path) -> Path:
         """Copy a verified blob to `destination` (atomically: a temporary folder renamed)."""
@@ -93,14 +129,17 @@ class BlobStore:
         return destination
 
     def digests(self) -> set[str]:
-        return {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        names = {Path(e["name"]).name for e in self.fs.ls(self.root, detail=True) if e["type"] == "directory"}
+        return {n for n in names if not n.startswith(".")}
 
     def remove(self, digest: str) -> None:
-        shutil.rmtree(self.path(digest), ignore_errors=True)
+        if self.fs.exists(self.url(digest)):
+            self.fs.rm(self.url(digest), recursive=True)
+        shutil.rmtree(self.cache / digest, ignore_errors=True)
 
     def remove_incoming(self) -> int:
         """Temporary folders of pushes that died midway."""
-        stale = [p for p in self.root.iterdir() if p.name.startswith(".incoming-")]
+        stale = [e["name"] for e in self.fs.ls(self.root, detail=True) if Path(e["name"]).name.startswith(_INCOMING)]
         for path in stale:
-            shutil.rmtree(path, ignore_errors=True)
+            self.fs.rm(path, recursive=True)
         return len(stale)

@@ -18,17 +18,18 @@ app = typer.Typer(name="registry", help="Versioned adapters: push, promote with 
 
 REGISTRY = typer.Option(None, "--registry", envvar="LORAKIT_REGISTRY",
                         help="A folder (embedded SQLite) or a database URL (postgresql://…).")
-BLOBS = typer.Option(None, "--blobs", envvar="LORAKIT_REGISTRY_BLOBS", help="Blob folder, with a database URL.")
+BLOBS = typer.Option(None, "--blobs", envvar="LORAKIT_REGISTRY_BLOBS",
+                     help="Blob store with a database URL: a shared folder or an fsspec URL (s3://…).")
 JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
-def open_registry(location: str | None, blobs: Path | None):
+def open_registry(location: str | None, blobs: str | None):
     from lorakit.registry.store import Registry
 
     if location and "://" not in location:  # a folder: the embedded registry in it
         root = Path(location).expanduser()
         root.mkdir(parents=True, exist_ok=True)
-        return Registry(f"sqlite:///{root / 'registry.db'}", blobs or root / "blobs")
+        return Registry(f"sqlite:///{root / 'registry.db'}", blobs or str(root / "blobs"))
     return Registry(location, blobs)
 
 
@@ -48,7 +49,7 @@ def _print(value, as_json: bool, table: Table | None = None) -> None:
 @app.command()
 def push(name: str, path: Path, alias: str | None = typer.Option(None, help="Point this alias at the new version."),
          notes: str = typer.Option("", help="Free text kept with the version."),
-         registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+         registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Store an adapter folder as the next version of NAME."""
     info = _run(lambda: open_registry(registry, blobs).push(name, path, alias=alias, notes=notes))
     if as_json:
@@ -59,7 +60,7 @@ def push(name: str, path: Path, alias: str | None = typer.Option(None, help="Poi
 
 
 @app.command(name="list")
-def list_(registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+def list_(registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Every adapter: versions, newest, aliases."""
     def rows():
         store = open_registry(registry, blobs)
@@ -77,7 +78,7 @@ def list_(registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: 
 
 
 @app.command()
-def show(ref: str, registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+def show(ref: str, registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """One version (NAME = newest, NAME@N, NAME:alias): lineage, metrics, digest, base."""
     info = _run(lambda: open_registry(registry, blobs).resolve(ref))
     table = Table(show_header=False, title=info.ref)
@@ -88,14 +89,18 @@ def show(ref: str, registry: str | None = REGISTRY, blobs: Path | None = BLOBS, 
 
 
 @app.command()
-def pull(ref: str, dest: Path, registry: str | None = REGISTRY, blobs: Path | None = BLOBS) -> None:
+def pull(ref: str, dest: Path, registry: str | None = REGISTRY, blobs: str | None = BLOBS,
+         as_json: bool = JSON) -> None:
     """Copy a version's files to DEST (checked against its digest first)."""
     written = _run(lambda: open_registry(registry, blobs).pull(ref, dest))
-    typer.echo(f"pulled {ref} -> {written}")
+    if as_json:
+        _print({"ref": ref, "path": str(written)}, True)
+    else:
+        typer.echo(f"pulled {ref} -> {written}")
 
 
 @app.command()
-def diff(ref_a: str, ref_b: str, registry: str | None = REGISTRY, blobs: Path | None = BLOBS,
+def diff(ref_a: str, ref_b: str, registry: str | None = REGISTRY, blobs: str | None = BLOBS,
          as_json: bool = JSON) -> None:
     """Config changes and per-module weight-delta norms between two versions."""
     from lorakit.registry.diff import diff_versions
@@ -121,7 +126,7 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
             eval_data: Path | None = typer.Option(None, "--eval", help="Held-out data the gates are measured on."),
             model: str | None = typer.Option(None, help="Base model for the eval (default: the adapter's recorded base)."),
             allow_regression: bool = typer.Option(False, help="Promote even if it scores below the alias's version."),
-            max_examples: int = typer.Option(64), registry: str | None = REGISTRY, blobs: Path | None = BLOBS,
+            max_examples: int = typer.Option(64), registry: str | None = REGISTRY, blobs: str | None = BLOBS,
             as_json: bool = JSON) -> None:
     """Point an alias at REF — after its gates pass and it scores no worse than what the alias holds."""
     from lorakit.registry.gates import Gate
@@ -155,7 +160,7 @@ def _evaluator(model: str, data: Path, max_examples: int):
 
 @app.command()
 def rollback(name: str, alias: str = typer.Option("prod", help="The alias to move back."),
-             registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+             registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Point ALIAS back at the version it held before."""
     result = _run(lambda: open_registry(registry, blobs).rollback(name, alias))
     if as_json:
@@ -165,7 +170,7 @@ def rollback(name: str, alias: str = typer.Option("prod", help="The alias to mov
 
 
 @app.command()
-def log(name: str | None = typer.Argument(None), registry: str | None = REGISTRY, blobs: Path | None = BLOBS,
+def log(name: str | None = typer.Argument(None), registry: str | None = REGISTRY, blobs: str | None = BLOBS,
         as_json: bool = JSON) -> None:
     """The audit log: every push, promote, rollback, delete (of NAME, or all)."""
     rows = _run(lambda: open_registry(registry, blobs).log(name))
@@ -179,14 +184,17 @@ def log(name: str | None = typer.Argument(None), registry: str | None = REGISTRY
 
 
 @app.command()
-def delete(ref: str, registry: str | None = REGISTRY, blobs: Path | None = BLOBS) -> None:
+def delete(ref: str, registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Remove a version (refused while an alias points to it)."""
     _run(lambda: open_registry(registry, blobs).delete(ref))
-    typer.echo(f"deleted {ref} (its files go at the next `lorakit registry gc`)")
+    if as_json:
+        _print({"deleted": ref}, True)
+    else:
+        typer.echo(f"deleted {ref} (its files go at the next `lorakit registry gc`)")
 
 
 @app.command()
-def gc(registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+def gc(registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Delete stored files no version refers to."""
     result = _run(lambda: open_registry(registry, blobs).gc())
     if as_json:
@@ -197,7 +205,7 @@ def gc(registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: boo
 
 @app.command()
 def check(base: str = typer.Option(..., "--base", help="A base model (alias or local directory)."),
-          registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+          registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Which registered versions were trained on BASE (by fingerprint): what a base update leaves behind."""
     def run():
         from lorakit.base_models import load_base
@@ -219,7 +227,7 @@ def check(base: str = typer.Option(..., "--base", help="A base model (alias or l
 def retrain(name: str, base: str = typer.Option(..., "--base", help="The new base model."),
             output_dir: Path | None = typer.Option(None, help="Where the run goes (default runs/<name>-retrain)."),
             alias: str | None = typer.Option(None, help="Point this alias at the new version."),
-            registry: str | None = REGISTRY, blobs: Path | None = BLOBS, as_json: bool = JSON) -> None:
+            registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Re-run the recorded training config of NAME (or NAME@N, NAME:alias) on another base; push the result."""
     import contextlib
     import sys

@@ -37,7 +37,7 @@ from lorakit.registry.tables import AdapterRow, AliasRow, AuditRow, Base, Versio
 DEFAULT_ALIAS = "prod"
 
 
-def default_location() -> tuple[str, Path]:
+def default_location() -> tuple[str, str]:
     """(database URL, blob folder): $LORAKIT_REGISTRY as a folder or a URL (then blobs in
     $LORAKIT_REGISTRY_BLOBS), else ~/.cache/lorakit/registry."""
     value = os.environ.get("LORAKIT_REGISTRY") or str(Path.home() / ".cache" / "lorakit" / "registry")
@@ -46,10 +46,10 @@ def default_location() -> tuple[str, Path]:
         if not blobs:
             raise RegistryError(f"LORAKIT_REGISTRY={value} is a database URL; set LORAKIT_REGISTRY_BLOBS to the blob "
                                 "folder every machine shares (or pass --blobs).")
-        return value, Path(blobs)
+        return value, blobs
     root = Path(value).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'registry.db'}", root / "blobs"
+    return f"sqlite:///{root / 'registry.db'}", str(root / "blobs")
 
 
 @dataclass
@@ -81,6 +81,7 @@ class VersionInfo:
 
 class Registry:
     def __init__(self, url: str | None = None, blobs: str | os.PathLike | None = None, actor: str | None = None):
+        """`url`: any SQLAlchemy URL; `blobs`: a folder or an fsspec URL (both default to default_location())."""
         if url is None or blobs is None:
             default_url, default_blobs = default_location() if url is None else (url, None)
             url, blobs = url or default_url, blobs or default_blobs

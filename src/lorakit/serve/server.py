@@ -52,7 +52,7 @@ class ServeSettings(BaseModel):
     shutdown_timeout: float = Field(30.0, ge=0)
     max_adapter_size_mb: int = Field(1024, ge=1)
     registry: str | None = None  # follow a registry (a folder or a database URL)
-    registry_blobs: Path | None = None
+    registry_blobs: str | None = None  # a folder or an fsspec URL
     registry_alias: str = "prod"  # what a bare NAME means
     registry_poll: float = Field(2.0, gt=0)  # seconds between alias checks
 

@@ -283,7 +283,7 @@ def register_run(config: JobConfig, summary: dict):
     from lorakit.registry.cli import open_registry
     from lorakit.registry.training import push_run
 
-    registry = open_registry(config.register.registry, Path(config.register.blobs) if config.register.blobs else None)
+    registry = open_registry(config.register.registry, config.register.blobs)
     return push_run(registry, config.register.name, config.register.alias, summary, config.to_yaml())
 
 
