@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("mixed_batch.py", []),
     ("serve_engine.py", []),
     ("serve_http.py", []),
+    ("serve_http.py", ["--peer", "transformers"]),
     ("qlora_step.py", []),
     ("dora_step.py", []),
     ("demo_quality.py", []),

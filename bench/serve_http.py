@@ -48,7 +48,7 @@ def save_adapters(base, count: int, root: Path) -> None:
 
 
 async def drive(url: str, work: list[tuple[list[int] | str, str]], new: int, concurrency: int,
-                stream: bool = True) -> dict:
+                stream: bool = True, extensions: bool = True) -> dict:
     """Closed-loop load: `concurrency` workers, each sending its next request when the last one ends."""
     progress(f"{url}: {len(work)} requests, concurrency {concurrency}")
     queue = list(reversed(work))
@@ -57,8 +57,9 @@ async def drive(url: str, work: list[tuple[list[int] | str, str]], new: int, con
     async def worker(client: httpx.AsyncClient) -> None:
         while queue:
             prompt, model = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
-                    "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+            body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": stream,
+                    "ignore_eos": True if extensions else None,  # vLLM's field: transformers serve refuses it
+                    "stream_options": {"include_usage": True} if stream else None}
             body = {k: v for k, v in body.items() if v is not None}
             sent = time.perf_counter()
             if not stream:
@@ -135,15 +136,49 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def transformers_serve(tokenizer, prompts, new: int) -> dict:
+    """`transformers serve --continuous-batching` on the base, c=8, text prompts (it takes no token ids)."""
+    port = free_port()
+    model = str(resolve_model_path("smollm2-135m-instruct"))
+    try:
+        server = other_server([str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching",
+                               "--port", str(port), "--device", "cpu", model], port)
+        try:
+            texts = [(tokenizer.decode(p), model) for p in prompts]
+            return asyncio.run(drive(f"http://127.0.0.1:{port}", texts + texts[:8], new, 8, extensions=False))
+        finally:
+            stop(server)
+    except (RuntimeError, httpx.HTTPError) as error:  # recorded, not hidden: the row says why it is missing
+        return {"error": str(error).splitlines()[0][:200]}
+
+
+def base_only(tokenizer, prompts, new: int) -> None:
+    """`--peer transformers`: our server and transformers serve, base model only, the same text prompts, c=8."""
+    model = str(resolve_model_path("smollm2-135m-instruct"))
+    texts = [(tokenizer.decode(p), "HuggingFaceTB/SmolLM2-135M-Instruct") for p in prompts]
+    with ServerProcess("--max-num-seqs", "32", "--max-model-len", "512", "--kv-cache-memory", "1024") as server:
+        asyncio.run(drive(server.url, texts[:2], 2, 2))  # warm-up
+        ours = asyncio.run(drive(server.url, texts + texts[:8], new, 8, extensions=False))
+    results = {"lorakit_base_c8_text": ours, "transformers_serve_base_c8": transformers_serve(tokenizer, prompts, new)}
+    ratios = {"ours_vs_transformers_serve_c8": ours["tok_s"] / results["transformers_serve_base_c8"]["tok_s"]} \
+        if "tok_s" in results["transformers_serve_base_c8"] else {}
+    setup = {"model": model.rsplit("/", 1)[-1], "prompts": "the same 16 prompts as text, 24 requests", "new_tokens": new,
+             "concurrency": 8, "note": "no ignore_eos (transformers serve refuses it): tokens counted as received"}
+    emit("serve_http_transformers", "python bench/serve_http.py --peer transformers", setup, results, ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--peer", choices=["all", "transformers"], default="all")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     new = args.new_tokens
     base, tokenizer = load_model()
     base.eval()
     prompts = requests(16, base.config.vocab_size)
+    if args.peer == "transformers":
+        return base_only(tokenizer, prompts, new)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "adapters"
@@ -167,19 +202,7 @@ def main() -> None:
                     drive(url, work_for(prompts, adapters, CONCURRENCY[c]), new, c, stream=False))
         finally:
             stop(peft_server)
-    port = free_port()
-    try:
-        hf = other_server([str(Path(sys.executable).parent / "transformers"), "serve", "--continuous-batching",
-                           "--port", str(port), "--device", "cpu", str(resolve_model_path("smollm2-135m-instruct"))],
-                          port)
-        try:
-            texts = [(tokenizer.decode(p), str(resolve_model_path("smollm2-135m-instruct"))) for p in prompts]
-            results["transformers_serve_base_c8"] = asyncio.run(drive(f"http://127.0.0.1:{port}", texts + texts[:8],
-                                                                      new, 8))
-        finally:
-            stop(hf)
-    except (RuntimeError, httpx.HTTPError) as error:  # recorded, not hidden: the row says why it is missing
-        results["transformers_serve_base_c8"] = {"error": str(error)[:200]}
+    results["transformers_serve_base_c8"] = transformers_serve(tokenizer, prompts, new)
     tok = {k: v.get("tok_s") for k, v in results.items()}
     ratios = {
         "http_overhead_1_adapter_c32": 1 - tok["lorakit_1_adapters_c32"] / tok["engine_1_adapters_c32"],

@@ -190,6 +190,10 @@ def test_registry_folder_from_the_environment(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_REGISTRY", "postgresql://nowhere/db")
     with pytest.raises(RegistryError, match="LORAKIT_REGISTRY_BLOBS"):
         Registry()
+    from lorakit.serve.process import free_port
+
+    with pytest.raises(RegistryError, match="Cannot open the registry database"):  # at once, not after retries
+        Registry(f"postgresql+psycopg://lorakit@127.0.0.1:{free_port()}/db", tmp_path / "blobs")
 
 
 def test_training_pushes_with_register_and_retrain_reruns_on_another_base(tiny, tmp_path):

@@ -90,7 +90,10 @@ class Registry:
         self.url = url
         sqlite = url.startswith("sqlite")
         self.engine = create_engine(url, connect_args={"timeout": 60} if sqlite else {}, pool_pre_ping=True)
-        self._retry(lambda: Base.metadata.create_all(self.engine))  # several processes may start at once
+        try:
+            self._retry(lambda: Base.metadata.create_all(self.engine))  # several processes may start at once
+        except OperationalError as error:
+            raise RegistryError(f"Cannot open the registry database {self.engine.url!r}: {error.orig}") from None
         self.blobs = BlobStore(blobs)
         self.actor = actor or f"{getpass.getuser()}@{socket.gethostname()}"
 
@@ -342,8 +345,9 @@ class Registry:
         for i in range(tries):
             try:
                 return attempt()
-            except (IntegrityError, OperationalError):
-                if i == tries - 1:
+            except (IntegrityError, OperationalError) as error:
+                busy = isinstance(error, IntegrityError) or "locked" in str(error) or "busy" in str(error)
+                if not busy or i == tries - 1:  # a wrong URL or a dead server fails at once
                     raise
                 time.sleep(random.uniform(0.01, 0.05) * (1 + i))
 
