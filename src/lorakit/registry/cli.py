@@ -24,12 +24,11 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 def open_registry(location: str | None, blobs: str | None):
-    from lorakit.registry.store import Registry
+    from lorakit.registry.store import Registry, folder_location
 
     if location and "://" not in location:  # a folder: the embedded registry in it
-        root = Path(location).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        return Registry(f"sqlite:///{root / 'registry.db'}", blobs or str(root / "blobs"))
+        url, folder_blobs = folder_location(location)
+        return Registry(url, blobs or folder_blobs)
     return Registry(location, blobs)
 
 

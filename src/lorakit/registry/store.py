@@ -47,7 +47,12 @@ def default_location() -> tuple[str, str]:
             raise RegistryError(f"LORAKIT_REGISTRY={value} is a database URL; set LORAKIT_REGISTRY_BLOBS to the blob "
                                 "folder every machine shares (or pass --blobs).")
         return value, blobs
-    root = Path(value).expanduser()
+    return folder_location(value)
+
+
+def folder_location(folder: str | os.PathLike) -> tuple[str, str]:
+    """The embedded registry kept in one folder: a SQLite file and a blob folder beside it."""
+    root = Path(folder).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'registry.db'}", str(root / "blobs")
 
@@ -269,16 +274,16 @@ class Registry:
 
     def check(self, fingerprint: dict) -> list[dict]:
         """Every version, and whether its recorded base fingerprint matches `fingerprint`."""
-        out = []
-        for name in self.names():
-            with Session(self.engine) as session:
-                adapter = self._adapter(session, name)
-                for row in session.scalars(select(VersionRow).where(VersionRow.adapter_id == adapter.id)):
-                    result = compare(row.base_fingerprint, fingerprint) if row.base_fingerprint else None
-                    out.append({"ref": f"{name}@{row.number}", "base_model": row.base_model,
-                                "match": result.match if result else None,
-                                "reason": result.reason if result else "no fingerprint recorded"})
-        return out
+        with Session(self.engine) as session:
+            rows = session.execute(select(AdapterRow.name, VersionRow).join(VersionRow, VersionRow.adapter_id == AdapterRow.id)
+                                   .order_by(AdapterRow.name, VersionRow.number)).all()
+            out = []
+            for name, row in rows:
+                result = compare(row.base_fingerprint, fingerprint) if row.base_fingerprint else None
+                out.append({"ref": f"{name}@{row.number}", "base_model": row.base_model,
+                            "match": result.match if result else None,
+                            "reason": result.reason if result else "no fingerprint recorded"})
+            return out
 
     def train_config(self, ref: str) -> str | None:
         info = self.resolve(ref)
