@@ -268,6 +268,8 @@ def serve(
     registry_blobs: str | None = typer.Option(None, help="The registry's blob store (a folder or an fsspec URL)."),
     registry_alias: str = typer.Option("prod", help="The alias a bare NAME means."),
     registry_poll: float = typer.Option(2.0, help="Seconds between checks for promotions and rollbacks."),
+    ui: bool = typer.Option(False, "--ui", help="Also serve the dashboard at /ui (this server, its registry)."),
+    ui_runs: Path | None = typer.Option(None, help="With --ui: the folder of training runs the dashboard shows."),
 ) -> None:
     """Serve the base model and many adapters over an OpenAI-compatible API, hot-swapped under load."""
     from lorakit.serve.server import ServeSettings, run
@@ -287,11 +289,36 @@ def serve(
         max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_memory_mb=kv_cache_memory_mb, max_queue=max_queue, api_key=api_key or None,
         admin_key=admin_key or None, shutdown_timeout=shutdown_timeout, max_adapter_size_mb=max_adapter_size,
-        registry=registry, registry_blobs=registry_blobs, registry_alias=registry_alias, registry_poll=registry_poll)
+        registry=registry, registry_blobs=registry_blobs, registry_alias=registry_alias, registry_poll=registry_poll,
+        ui=ui, ui_runs=ui_runs)
 
     def ready(state) -> None:
         adapters = len(state.engine.adapters.names())
         typer.echo(f"lorakit serve: {state.base_name} and {adapters} adapter(s) on http://{host}:{port}/v1 "
-                   f"(admin API {'on' if admin_key else 'off'})", err=True)
+                   f"(admin API {'on' if admin_key else 'off'})" + (f", dashboard http://{host}:{port}/ui" if ui else ""),
+                   err=True)
 
     _or_exit(run, settings, ready)
+
+
+@app.command(name="ui")
+def dashboard(
+    runs: Path = typer.Option(Path("runs"), help="The folder of `lorakit train` runs to show."),
+    registry: str | None = typer.Option(None, envvar="LORAKIT_REGISTRY", help="A registry (folder or database URL)."),
+    registry_blobs: str | None = typer.Option(None, envvar="LORAKIT_REGISTRY_BLOBS",
+                                              help="The registry's blob store, with a database URL."),
+    server: str | None = typer.Option(None, help="A running `lorakit serve`, e.g. http://127.0.0.1:8000."),
+    server_api_key: str | None = typer.Option(None, envvar="LORAKIT_API_KEY", help="That server's inference key."),
+    admin_key: str | None = typer.Option(None, envvar="LORAKIT_ADMIN_KEY",
+                                         help="Turns promote / rollback on; the page must send it."),
+    data: Path | None = typer.Option(None, help="The folder eval files for promotion gates are taken from."),
+    host: str = typer.Option("127.0.0.1", help="Bind address (loopback unless you say otherwise)."),
+    port: int = typer.Option(7860),
+) -> None:
+    """A web dashboard: runs and their curves, registry versions with promote / rollback, the live server."""
+    from lorakit.ui.app import UISettings, run
+
+    settings = UISettings(runs=runs, registry=registry, registry_blobs=registry_blobs, server=server,
+                          server_api_key=server_api_key or None, admin_key=admin_key or None, data=data, host=host,
+                          port=port)
+    _or_exit(run, settings, lambda: typer.echo(f"lorakit ui: http://{host}:{port}/ (runs in {runs})", err=True))

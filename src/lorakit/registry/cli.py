@@ -128,13 +128,10 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
             max_examples: int = typer.Option(64), registry: str | None = REGISTRY, blobs: str | None = BLOBS,
             as_json: bool = JSON) -> None:
     """Point an alias at REF — after its gates pass and it scores no worse than what the alias holds."""
-    from lorakit.registry.gates import Gate
+    from lorakit.registry.training import gated_promote
 
     def run():
-        store = open_registry(registry, blobs)
-        gates = [Gate.parse(g) for g in gate]
-        base = model or store.resolve(ref).base_model
-        return store.promote(ref, to, gates, eval_data, _evaluator(base, eval_data, max_examples) if eval_data else None,
+        return gated_promote(open_registry(registry, blobs), ref, to, gate, eval_data, model, max_examples,
                              allow_regression)
 
     result = _run(run)
@@ -145,16 +142,6 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
         typer.echo(f"{ref.split('@')[0].split(':')[0]}:{to} -> v{result['version']}{previous}")
         for side, scores in result["scores"].items():
             typer.echo(f"  {side}: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items() if isinstance(v, float)))
-
-
-def _evaluator(model: str, data: Path, max_examples: int):
-    def evaluate(folder: Path) -> dict:
-        from lorakit.train.job import run_eval
-
-        scores = run_eval(model, folder, data, max_examples=max_examples, samples=0)["adapter"]
-        return {k: v for k, v in scores.items() if k in ("exact_match", "contains_match", "loss", "perplexity")}
-
-    return evaluate
 
 
 @app.command()

@@ -31,6 +31,29 @@ def push_run(registry: Registry, name: str, alias: str | None, summary: dict, co
                          data_digest=file_digest(summary["paths"]["train"]), train_config=config_yaml, parent=parent)
 
 
+def gated_promote(registry: Registry, ref: str, alias: str, gates: list[str], eval_data: Path | None = None,
+                  model: str | None = None, max_examples: int = 64, allow_regression: bool = False) -> dict:
+    """`promote` as the CLI and the dashboard run it: gates parsed from text ('exact_match>=0.9'), measured
+    by `lorakit eval` on `eval_data` against `model` (default: the base the adapter records)."""
+    from lorakit.registry.gates import Gate
+
+    parsed = [Gate.parse(g) for g in gates]
+    evaluate = None
+    if eval_data is not None:
+        evaluate = _evaluator(model or registry.resolve(ref).base_model, eval_data, max_examples)
+    return registry.promote(ref, alias, parsed, eval_data, evaluate, allow_regression)
+
+
+def _evaluator(model: str, data: Path, max_examples: int):
+    def evaluate(folder: Path) -> dict:
+        from lorakit.train.job import run_eval
+
+        scores = run_eval(model, folder, data, max_examples=max_examples, samples=0)["adapter"]
+        return {k: v for k, v in scores.items() if k in ("exact_match", "contains_match", "loss", "perplexity")}
+
+    return evaluate
+
+
 def retrain(registry: Registry, ref: str, base: str, output_dir: Path | None = None,
             alias: str | None = None) -> VersionInfo:
     from lorakit.train.config import load_job_config

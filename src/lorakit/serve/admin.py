@@ -18,8 +18,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from lorakit.errors import AdapterFileNotFoundError, AdapterNameError, LorakitError
-from lorakit.serve.api import ServerState, check_key
-from lorakit.serve.openai_protocol import ApiError
+from lorakit.serve.api import ServerState
+from lorakit.serve.openai_protocol import ApiError, check_key
 
 
 class LoadLoraAdapterRequest(BaseModel):

@@ -15,7 +15,6 @@ cache's loader thread.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from lorakit.errors import AdapterLoadError, AdapterNameError, ContextLengthErro
 from lorakit.serve import openai_protocol as oa
 from lorakit.serve.engine import Engine, RequestHandle, RequestOutput
 from lorakit.serve.metrics import ServerMetrics
-from lorakit.serve.openai_protocol import ApiError
+from lorakit.serve.openai_protocol import ApiError, check_key
 
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection": counted, never sent
 
@@ -80,17 +79,6 @@ class ServerState:
 
             self._tokenizers[path] = AutoTokenizer.from_pretrained(path)
         return self._tokenizers[path]
-
-
-def check_key(request: Request, expected: str | None, what: str) -> None:
-    """401 unless the request's bearer token equals `expected` (constant-time)."""
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, f"Missing or wrong {what} key: send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
 
 
 def _sse(payload: dict | str) -> str:

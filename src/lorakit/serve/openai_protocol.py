@@ -9,6 +9,7 @@ implement are declared only to refuse a non-default value: a client that asks fo
 
 from __future__ import annotations
 
+import hmac
 import time
 import uuid
 from typing import Any, Literal
@@ -27,6 +28,17 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def check_key(request, expected: str | None, what: str) -> None:
+    """401 unless the request's bearer token equals `expected` (constant-time)."""
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(401, f"Missing or wrong {what} key: send it as 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key")
 
 
 class StreamOptions(BaseModel):

@@ -27,18 +27,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None, startup_timeout: float = 120.0):
+    def __init__(self, *args: str, env: dict | None = None, startup_timeout: float = 120.0, command: str = "serve"):
+        """`lorakit COMMAND --port P ARGS…` (`serve`, or `ui`: any command with a /health route)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorakit-serve-{self.port}.log"
-        command = [sys.executable, "-m", "lorakit", "serve", "--port", str(self.port), *args]
+        self.command = command
+        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"lorakit-{command}-{self.port}.log"
+        argv = [sys.executable, "-m", "lorakit", command, "--port", str(self.port), *args]
         self._log_file = self.log.open("w")
-        self.proc = subprocess.Popen(command, stdout=self._log_file, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(argv, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"lorakit serve exited with {self.proc.returncode}:\n{self.output()}")
+                raise RuntimeError(f"lorakit {command} exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
                     return
@@ -46,7 +48,7 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"lorakit serve did not come up in {startup_timeout} s:\n{self.output()}")
+        raise RuntimeError(f"lorakit {command} did not come up in {startup_timeout} s:\n{self.output()}")
 
     def output(self) -> str:
         self._log_file.flush()

@@ -55,6 +55,8 @@ class ServeSettings(BaseModel):
     registry_blobs: str | None = None  # a folder or an fsspec URL
     registry_alias: str = "prod"  # what a bare NAME means
     registry_poll: float = Field(2.0, gt=0)  # seconds between alias checks
+    ui: bool = False  # mount the dashboard at /ui
+    ui_runs: Path | None = None  # the runs folder it shows
 
 
 def adapter_folders(directory: Path) -> dict[str, Path]:
@@ -108,6 +110,18 @@ def build_state(settings: ServeSettings):
                        settings.max_adapter_size_mb << 20, created=int(time.time()), sync=sync)
 
 
+def mount_dashboard(app, settings: ServeSettings) -> None:
+    """`--ui`: the dashboard at /ui, showing this server (in-process, through its own routes and keys),
+    its registry and `--ui-runs`."""
+    import httpx
+
+    from lorakit.ui.app import UISettings, create_ui_app
+
+    ui = UISettings(runs=settings.ui_runs, registry=settings.registry, registry_blobs=settings.registry_blobs,
+                    server="http://lorakit-serve", server_api_key=settings.api_key, admin_key=settings.admin_key)
+    app.mount("/ui", create_ui_app(ui, server_transport=httpx.ASGITransport(app=app)))
+
+
 def run(settings: ServeSettings, ready=None) -> None:
     """Serve until SIGTERM (drain, exit 0) or Ctrl-C. `ready(state)` is called once the port is bound."""
     import uvicorn
@@ -137,7 +151,10 @@ def run(settings: ServeSettings, ready=None) -> None:
             if ready is not None:
                 ready(state)
 
-    config = uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_level="warning",
+    app = create_app(state)
+    if settings.ui:
+        mount_dashboard(app, settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=max(settings.shutdown_timeout, 1.0), access_log=False)
     try:
         DrainingServer(config).run()

@@ -145,6 +145,18 @@ class JobConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train.max_steps": 4, ...}: every leaf of a nested config under its dotted key (the names
+    `--set` takes), for diffs of saved configs."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML file (or start from the defaults), apply `key.path=value` overrides, check it."""
     raw: dict[str, Any] = {}

@@ -37,7 +37,7 @@ from lorakit.model import PeftModel, get_peft_model
 from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
-from lorakit.train.config import JobConfig, load_job_config
+from lorakit.train.config import JobConfig, flatten, load_job_config
 from lorakit.train.data import Collator, Dataset, load_dataset, pack, split_eval
 from lorakit.train.evaluate import compare
 from lorakit.train.report import plot_losses, print_comparison, write_report
@@ -133,14 +133,12 @@ def _check_resumable(config: JobConfig, out: Path, checkpoint: Path) -> str | No
     return schedule_note(config.train.lr_scheduler, was, steps)
 
 
-def _differences(saved: dict, current: dict, prefix: str = ""):
+def _differences(saved: dict, current: dict):
     """(dotted key, saved value, current value) for every leaf that differs."""
-    for key in dict.fromkeys([*saved, *current]):
-        old, new = saved.get(key), current.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            yield from _differences(old, new, f"{prefix}{key}.")
-        elif old != new:
-            yield f"{prefix}{key}", old, new
+    old, new = flatten(saved), flatten(current)
+    for key in dict.fromkeys([*old, *new]):
+        if old.get(key) != new.get(key):
+            yield key, old.get(key), new.get(key)
 
 
 def schedule_note(schedule: str, was: int, steps: int) -> str | None:
