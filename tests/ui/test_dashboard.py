@@ -174,6 +174,11 @@ def test_serve_ui_shows_the_live_server_and_the_playground_relays_both_answers(s
     page.select_option("#playground-adapter", "support-v2")
     page.fill("#playground textarea", QUESTION[0]["content"])
     page.fill("#playground input[name=max_tokens]", "6")
+    page.click("#playground-send")  # without the server's key: the relay is no way around it
+    page.wait_for_function("document.getElementById('answer-adapter').textContent.startsWith('error')")
+    assert "API key" in page.inner_text("#answer-adapter") and page.refused == [(401, "/ui/api/server/chat")]
+    page.refused.clear()
+    page.fill("#playground input[name=api_key]", KEY)
     page.click("#playground-send")
     page.wait_for_function("!['', '…'].includes(document.getElementById('answer-base').textContent)", timeout=60_000)
     shown = {side: page.inner_text(f"#answer-{side}") for side in ("adapter", "base")}

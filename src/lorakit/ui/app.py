@@ -231,7 +231,10 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
         return await require_server().snapshot()
 
     @app.post("/api/server/chat")
-    async def chat(body: ChatRequest) -> dict:
+    async def chat(body: ChatRequest, request: Request) -> dict:
+        # The relay sends the server's key for the caller, so the caller must know it: otherwise the
+        # dashboard would be a keyless way into a server that has one.
+        check_key(request, settings.server_api_key, "server API")
         view = require_server()
         snapshot = await view.snapshot()
         base = next((m["id"] for m in snapshot["models"] if m["parent"] is None), None)

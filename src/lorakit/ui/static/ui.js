@@ -233,11 +233,13 @@ function serverPage() {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const data = new FormData(form);
+    const headers = { "Content-Type": "application/json" };
+    if (data.get("api_key")) headers.Authorization = "Bearer " + data.get("api_key");
     show("answer-adapter", "…");
     show("answer-base", "…");
     try {
       const answer = await lk.api("/api/server/chat", {
-        method: "POST", headers: { "Content-Type": "application/json" },
+        method: "POST", headers,
         body: JSON.stringify({ adapter: data.get("adapter"), prompt: data.get("prompt"),
                                max_tokens: Number(data.get("max_tokens")) }),
       });
