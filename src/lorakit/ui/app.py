@@ -236,10 +236,10 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
         # dashboard would be a keyless way into a server that has one.
         check_key(request, settings.server_api_key, "server API")
         view = require_server()
-        snapshot = await view.snapshot()
-        base = next((m["id"] for m in snapshot["models"] if m["parent"] is None), None)
+        base = await view.base_model()
         if base is None:
-            raise ApiError(502, f"The server does not list its base model ({snapshot['health']}).", type="server_error")
+            raise ApiError(502, f"The server at {view.url} does not list its base model (is it up?).",
+                           type="server_error")
         return await view.chat_side_by_side(body.adapter, base, body.prompt, body.max_tokens)
 
     return app

@@ -50,6 +50,11 @@ def parse_metrics(text: str) -> dict:
     return out
 
 
+def _models(reply: httpx.Response) -> list[dict]:
+    listed = reply.json().get("data", []) if reply.status_code == 200 else []
+    return [{"id": m["id"], "parent": m.get("parent"), "root": m.get("root")} for m in listed]
+
+
 class ServerView:
     def __init__(self, url: str | None, api_key: str | None = None, transport: httpx.AsyncBaseTransport | None = None):
         self.url = url.rstrip("/") if url else None
@@ -72,10 +77,17 @@ class ServerView:
                     client.get("/health"), client.get("/v1/models"), client.get("/metrics"))
             except httpx.HTTPError as error:
                 return {"time": time.time(), "health": f"unreachable: {error}", "models": [], "metrics": None}
-        listed = models.json().get("data", []) if models.status_code == 200 else []
         return {"time": time.time(), "health": health.json().get("status", str(health.status_code)),
-                "models": [{"id": m["id"], "parent": m.get("parent"), "root": m.get("root")} for m in listed],
-                "metrics": parse_metrics(metrics.text) if metrics.status_code == 200 else None}
+                "models": _models(models), "metrics": parse_metrics(metrics.text) if metrics.status_code == 200 else None}
+
+    async def base_model(self) -> str | None:
+        """The served model without a parent (the playground's right-hand side), from /v1/models alone."""
+        async with self._client(timeout=5.0) as client:
+            try:
+                listed = _models(await client.get("/v1/models"))
+            except httpx.HTTPError:
+                return None
+        return next((m["id"] for m in listed if m["parent"] is None), None)
 
     async def chat_side_by_side(self, adapter: str, base: str, prompt: str, max_tokens: int) -> dict:
         """The same chat message to `adapter` and to the base model at once, greedy: {"adapter", "base"},
