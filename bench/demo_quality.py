@@ -71,7 +71,7 @@ def run_side(side: str, steps: int, variant: str = "lora") -> dict:
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    result = compare(model, tokenizer, evaluation.examples, config.eval.max_new_tokens, samples=0)
+    result = compare(model, tokenizer, evaluation.examples, config.eval.model_copy(update={"samples": 0}))
     print(json.dumps({"seconds": seconds, "base": result["base"], "adapter": result["adapter"]}))
     return result
 

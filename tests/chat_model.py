@@ -56,6 +56,10 @@ def records(fmt: str) -> list[dict]:
         return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in FACTS]
     if fmt == "prompt_completion":
         return [{"prompt": q, "completion": a} for q, a in FACTS]
+    if fmt == "alpaca":
+        return [{"instruction": q, "input": "", "output": a} for q, a in FACTS]
+    if fmt == "sharegpt":
+        return [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in FACTS]
     return [{"text": f"{q} {a}"} for q, a in FACTS]
 
 

@@ -58,10 +58,32 @@ def resolve_model_path(name: str) -> Path:
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return path
+    cached = _hub_cache_snapshot(name)
+    if cached is not None:
+        return cached
+    hub = ""
+    if name.count("/") == 1 and not path.exists():
+        folder = f"models/{name.split('/')[1]}"
+        hub = (f" {name!r} looks like a Hugging Face Hub id and is not in the local Hub cache: download it once "
+               f"where there is internet (`huggingface-cli download {name} --local-dir {folder}`), then set "
+               f"model: {folder} (Axolotl's base_model, LLaMA-Factory's model_name_or_path).")
     raise ModelNotFoundError(
         f"Model {name!r} is not a built-in model ({', '.join([*_GGUF_ALIASES, *_BY_PUBLIC_ID])}) and not a local directory "
-        "with a config.json. lorakit never downloads weights: give a local transformers model directory."
+        f"with a config.json. lorakit never downloads weights: give a local transformers model directory.{hub}"
     )
+
+
+def _hub_cache_snapshot(name: str) -> Path | None:
+    """The folder of a Hub model already in the local Hub cache (what transformers would load offline)."""
+    if name.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 (an id the hub library rejects is simply not cached)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def load_base(

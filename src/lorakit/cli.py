@@ -16,6 +16,8 @@ import lorakit
 from lorakit.base_models import DEFAULT_MODEL
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.registry.cli import app as registry_app
+from lorakit.train.config_cli import app as config_app
+from lorakit.train.config import DATA_FORMATS, QUANTIZE, DataConfig, EvalConfig
 
 app = typer.Typer(
     name="lorakit",
@@ -24,6 +26,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(registry_app, name="registry")
+app.add_typer(config_app, name="config")
 
 
 def _version(value: bool) -> None:
@@ -35,8 +38,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show every third-party log line and progress bar."),
 ) -> None:
     """lorakit: train, combine and serve LoRA adapters."""
+    from lorakit.quiet import quiet_third_party
+
+    quiet_third_party(verbose)
 
 
 @app.command()
@@ -87,6 +94,21 @@ def convert(
 
     written = _or_exit(convert_pickle, directory)
     typer.echo(f"wrote {written}")
+
+
+def _default(section, key: str):
+    """A config key's default, from the schema (the CLI restates none by hand)."""
+    return section.model_fields[key].get_default(call_default_factory=True)
+
+
+def _config_keys_help() -> str:
+    """The job's keys for `lorakit train --help`, from the schema."""
+    from lorakit.train.config import documented_keys
+
+    rows = [f"{key} ({kind}, default {default!r}){': ' + text if text else ''}"
+            for key, kind, default, text in documented_keys() if key != "lora"]
+    return ("Config keys (YAML, or --set KEY=VALUE; lora: takes every LoraConfig field; `lorakit schema` prints "
+            "them all as JSON Schema):\n\n" + "\n\n".join(rows))
 
 
 def _or_exit(function, *args):
@@ -179,18 +201,23 @@ def plan(
         console.print(f"note: {note}")
 
 
-@app.command()
+@app.command(epilog=_config_keys_help())
 def train(
-    config: Path = typer.Argument(..., help="The job's YAML file (see `lorakit train --help` and the README)."),
+    config: Path = typer.Argument(..., help="The job's YAML file: lorakit's, or an Axolotl / LLaMA-Factory config."),
     set_: list[str] = typer.Option([], "--set", help="Override one value, e.g. --set train.max_steps=10 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML; train nothing."),
 ) -> None:
     """Train a LoRA adapter from a YAML config: checkpoints, progress, loss plot and a before/after report."""
     from lorakit.train.config import load_job_config
-    from lorakit.train.job import run_train
 
     job = _or_exit(load_job_config, config, set_)
+    if print_config:
+        typer.echo(job.to_yaml(), nl=False)
+        return
+    from lorakit.train.job import run_train
+
     try:
         _or_exit(run_train, job, resume, overwrite)
     except TrainingInterrupted as stop:
@@ -201,26 +228,44 @@ def train(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def schema(
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write to this file (default: print)."),
+) -> None:
+    """Print the job config's JSON Schema, for editor completion of the YAML (e.g. yaml-language-server)."""
+    from lorakit.files.format import write_text_atomic
+    from lorakit.train.config import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        write_text_atomic(out, text)
+        typer.echo(f"wrote {out}: add `# yaml-language-server: $schema={out}` to the top of a job YAML", err=True)
+
+
 @app.command(name="eval")
 def evaluate(
     adapter: Path = typer.Option(..., help="A saved adapter directory."),
-    data: Path = typer.Option(..., help="Eval data: JSONL, JSON or CSV (messages, prompt/completion or text)."),
+    data: Path = typer.Option(..., help="Eval data: JSONL, JSON or CSV (any format `lorakit train` reads)."),
     model: str = typer.Option(DEFAULT_MODEL, help="Built-in alias or local transformers directory."),
-    data_format: str = typer.Option("auto", "--format", help="messages | prompt_completion | text | auto"),
+    data_format: str = typer.Option("auto", "--format", help=" | ".join(DATA_FORMATS)),
     quantize: str | None = typer.Option(None, help="Load the base in nf4 | fp4 | int8."),
-    max_examples: int = typer.Option(64, min=1), max_new_tokens: int = typer.Option(48, min=1),
-    max_seq_len: int = typer.Option(512, min=1), samples: int = typer.Option(3, min=0),
+    max_examples: int = typer.Option(_default(EvalConfig, "max_examples"), min=1),
+    max_new_tokens: int = typer.Option(_default(EvalConfig, "max_new_tokens"), min=1),
+    max_seq_len: int = typer.Option(_default(DataConfig, "max_seq_len"), min=1),
+    samples: int = typer.Option(_default(EvalConfig, "samples"), min=0),
     as_json: bool = typer.Option(False, "--json", help='Print {"base": {...}, "adapter": {...}}.'),
 ) -> None:
     """Compare the base model with base + adapter on a data set: loss, perplexity, exact/contains match."""
-    from lorakit.train.config import DATA_FORMATS, QUANTIZE
     from lorakit.train.job import run_eval
     from lorakit.train.report import print_comparison
 
     def checked():
         if data_format not in DATA_FORMATS or quantize not in QUANTIZE:
             raise LorakitError(f"--format must be one of {DATA_FORMATS}; --quantize one of nf4, fp4, int8.")
-        return run_eval(model, adapter, data, data_format, max_seq_len, quantize, max_examples, max_new_tokens, samples)
+        settings = EvalConfig(max_examples=max_examples, max_new_tokens=max_new_tokens, samples=samples)
+        return run_eval(model, adapter, data, data_format, max_seq_len, quantize, settings)
 
     result = _or_exit(checked)
     if as_json:

@@ -31,7 +31,7 @@ CHUNK_LOGITS = 1 << 24
 MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
 # inputs we pass to the backbone unchanged; anything else means "not the plain training call"
 BACKBONE_KWARGS = frozenset({"attention_mask", "position_ids", "inputs_embeds", "token_type_ids", "use_cache",
-                             "output_attentions", "output_hidden_states", "cache_position", "past_key_values"})
+                             "output_attentions", "output_hidden_states", "cache_position", "past_key_values", "cache"})
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -131,6 +131,8 @@ def causal_lm_loss_forward(model: nn.Module, input_ids, labels, kwargs: dict):
     kwargs.pop("return_dict", None)
     out = model.base_model(input_ids, **kwargs)
     loss = linear_cross_entropy(out.last_hidden_state, model.get_output_embeddings(), labels, num_items)
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                  hidden_states=getattr(out, "hidden_states", None),
-                                  attentions=getattr(out, "attentions", None))
+    # transformers 5 renamed past_key_values to cache (reading the old name warns)
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    cache = {name: getattr(out, name, None)}
+    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(out, "hidden_states", None),
+                                  attentions=getattr(out, "attentions", None), **cache)

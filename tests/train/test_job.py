@@ -22,7 +22,7 @@ def train(*args: str):
     return result
 
 
-@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "text"])
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "text", "alpaca", "sharegpt"])
 def test_train_end_to_end_for_each_format(tmp_path, chat_model_dir, fmt):
     config = job_yaml(tmp_path, chat_model_dir, fmt)
     result = train(config)

@@ -37,7 +37,7 @@ def error_of(tmp_path, chat_model_dir, **sections) -> str:
     ({"train": {"max_step": 3}}, "Did you mean 'max_steps'?"),
     ({"data": {"sequence_len": 3}}, "Did you mean 'max_seq_len'?"),
     ({"lora": {"rank": 8}}, "lora: LoraConfig has no field 'rank'. Did you mean 'r'?"),
-    ({"train": {"max_steps": "many"}}, "train.max_steps must be int, got 'many'"),
+    ({"train": {"max_steps": "many"}}, "train.max_steps must be int or null, got 'many'"),
     ({"train": {"max_steps": 0}}, "train.max_steps must be > 0"),
     ({"quantize": "nf5"}, "quantize must be one of null, nf4, fp4, int8; got 'nf5'. Did you mean 'nf4'?"),
     ({"data": {"format": "chat"}}, "data.format must be one of auto, messages, prompt_completion, text"),

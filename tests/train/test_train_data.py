@@ -138,3 +138,50 @@ def test_a_tool_call_record_the_template_cannot_render_names_file_record_and_mes
     assert message.startswith(f"{path}, record 7: the chat template could not render message 2 "
                               "(role 'assistant', content null, tool_calls)")
     assert "Traceback" not in message and len(message) < 600
+
+
+# -- the formats users bring from Axolotl, LLaMA-Factory and OpenAI --------------------------------
+def test_sharegpt_is_the_chat_it_spells(tokenizer):
+    from lorakit.train.data import encode_record
+
+    turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."},
+             {"from": "human", "value": "Capital of Veloria?"}, {"from": "gpt", "value": "Quendar."}]
+    shared = encode_record(tokenizer, {"conversations": turns, "system": "Be brief."}, "sharegpt")
+    chat = encode_chat(tokenizer, [{"role": "system", "content": "Be brief."}]
+                       + [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns])
+    assert (shared.input_ids, shared.labels) == (chat.input_ids, chat.labels)
+    assert learned(tokenizer, shared) == "Hello.<|im_end|>\nQuendar.<|im_end|>\n"
+    with pytest.raises(DataError, match=r"turns from \['observation'\] cannot be trained on"):
+        encode_record(tokenizer, {"conversations": [{"from": "observation", "value": "{}"}]}, "sharegpt")
+
+
+def test_alpaca_is_instruction_and_input_then_output(tokenizer):
+    from lorakit.train.data import encode_record
+
+    record = {"instruction": "Name the capital.", "input": "Veloria", "output": "Quendar."}
+    alpaca = encode_record(tokenizer, record, "alpaca")
+    pair = encode_prompt_completion(tokenizer, "Name the capital.\nVeloria", "Quendar.")
+    assert (alpaca.input_ids, alpaca.labels) == (pair.input_ids, pair.labels)
+    assert learned(tokenizer, alpaca) == "Quendar.<|im_end|>\n" and alpaca.reference == "Quendar."
+    with_system = encode_record(tokenizer, {**record, "input": "", "system": "Be brief."}, "alpaca")
+    masked = tokenizer.decode([i for i, label in zip(with_system.input_ids, with_system.labels, strict=True)
+                               if label == IGNORE_INDEX])
+    assert "Be brief." in masked and "Name the capital." in masked
+    assert learned(tokenizer, with_system) == "Quendar.<|im_end|>\n"
+
+
+def test_openai_chat_weight_zero_turns_get_no_loss(tokenizer):
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey!!", "weight": 0},
+            {"role": "user", "content": "Capital of Veloria?"}, {"role": "assistant", "content": "Quendar.", "weight": 1}]
+    example = encode_chat(tokenizer, chat)
+    assert learned(tokenizer, example) == "Quendar.<|im_end|>\n"
+
+
+@pytest.mark.parametrize("fmt, record", [
+    ("alpaca", {"instruction": "q", "input": "", "output": "a", "text": "pre-rendered"}),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+    ("messages", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]}),
+])
+def test_formats_are_detected_from_the_columns(tmp_path, tokenizer, fmt, record):
+    path = write_jsonl(tmp_path / "data.jsonl", [record] * 2)
+    assert load_dataset(path, tokenizer).format == fmt

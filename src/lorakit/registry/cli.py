@@ -125,7 +125,8 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
             eval_data: Path | None = typer.Option(None, "--eval", help="Held-out data the gates are measured on."),
             model: str | None = typer.Option(None, help="Base model for the eval (default: the adapter's recorded base)."),
             allow_regression: bool = typer.Option(False, help="Promote even if it scores below the alias's version."),
-            max_examples: int = typer.Option(64), registry: str | None = REGISTRY, blobs: str | None = BLOBS,
+            max_examples: int | None = typer.Option(None, help="Eval examples (default: the job's eval.max_examples)."),
+            registry: str | None = REGISTRY, blobs: str | None = BLOBS,
             as_json: bool = JSON) -> None:
     """Point an alias at REF — after its gates pass and it scores no worse than what the alias holds."""
     from lorakit.registry.training import gated_promote

@@ -13,10 +13,15 @@ from lorakit.errors import RegistryError
 from lorakit.registry.store import Registry, VersionInfo
 
 
-def file_digest(path: str | Path | None) -> str | None:
-    if not path or not Path(path).is_file():
+def file_digest(path: str | Path | list | None) -> str | None:
+    """sha256 of the data file (of the files, in order, for a data set given as a list)."""
+    paths = [Path(p) for p in (path if isinstance(path, list) else [path] if path else [])]
+    if not paths or not all(p.is_file() for p in paths):
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.read_bytes())
+    return digest.hexdigest()
 
 
 def push_run(registry: Registry, name: str, alias: str | None, summary: dict, config_yaml: str,
@@ -32,7 +37,7 @@ def push_run(registry: Registry, name: str, alias: str | None, summary: dict, co
 
 
 def gated_promote(registry: Registry, ref: str, alias: str, gates: list[str], eval_data: Path | None = None,
-                  model: str | None = None, max_examples: int = 64, allow_regression: bool = False) -> dict:
+                  model: str | None = None, max_examples: int | None = None, allow_regression: bool = False) -> dict:
     """`promote` as the CLI and the dashboard run it: gates parsed from text ('exact_match>=0.9'), measured
     by `lorakit eval` on `eval_data` against `model` (default: the base the adapter records)."""
     from lorakit.registry.gates import Gate
@@ -44,11 +49,12 @@ def gated_promote(registry: Registry, ref: str, alias: str, gates: list[str], ev
     return registry.promote(ref, alias, parsed, eval_data, evaluate, allow_regression)
 
 
-def _evaluator(model: str, data: Path, max_examples: int):
+def _evaluator(model: str, data: Path, max_examples: int | None):
     def evaluate(folder: Path) -> dict:
+        from lorakit.train.config import EvalConfig
         from lorakit.train.job import run_eval
 
-        scores = run_eval(model, folder, data, max_examples=max_examples, samples=0)["adapter"]
+        scores = run_eval(model, folder, data, settings=EvalConfig(samples=0, **({"max_examples": max_examples} if max_examples else {})))["adapter"]
         return {k: v for k, v in scores.items() if k in ("exact_match", "contains_match", "loss", "perplexity")}
 
     return evaluate

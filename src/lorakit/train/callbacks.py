@@ -41,7 +41,9 @@ class Throughput:
 
 
 class RichProgress(TrainerCallback):
-    """step / total, loss, learning rate, tokens/s, elapsed and ETA."""
+    """step / total, loss, learning rate, tokens/s, elapsed and ETA: a live bar in a terminal,
+    one plain line per log when the output is a file or a pipe (CI logs, `| tee`), where a
+    live display would leave nothing or control codes."""
 
     def __init__(self, console: Console | None = None):
         self.console = console or Console()
@@ -51,6 +53,8 @@ class RichProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.throughput.start(state)
+        if not self.console.is_terminal:
+            return
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
@@ -67,7 +71,7 @@ class RichProgress(TrainerCallback):
                                  tps=f"{self.throughput.rate(state):,.0f}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs:
+        if not logs:
             return
         fields = {}
         if "loss" in logs:
@@ -75,8 +79,12 @@ class RichProgress(TrainerCallback):
         if "learning_rate" in logs:
             fields["lr"] = f"{logs['learning_rate']:.2e}"
         if "eval_loss" in logs:
-            self.progress.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
-        self.progress.update(self.task, **fields)
+            self.console.print(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+        if self.progress is not None:
+            self.progress.update(self.task, **fields)
+        elif "loss" in fields:
+            self.console.print(f"step {state.global_step}/{state.max_steps}  loss {fields['loss']}  "
+                               f"lr {fields.get('lr', '-')}  {self.throughput.rate(state):,.0f} tok/s", highlight=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.stop()

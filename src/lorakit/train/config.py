@@ -1,4 +1,4 @@
-"""The training job's YAML: one dataclass per section, the dataclass is the schema.
+"""The training job's YAML: one pydantic model per section; the models are the schema.
 
     model: smollm2-135m-instruct   # built-in alias or a local transformers directory
     quantize: null                 # nf4 | fp4 | int8 (QLoRA)
@@ -9,10 +9,14 @@
     register: {name: support, alias: staging}   # optional: push the adapter to the registry
     output_dir: runs/example
 
+Why pydantic (v2, `extra="forbid"`): types, ranges, choices and defaults are written once,
+here, and the same models give `lorakit schema` (JSON Schema for editors), `--print-config`,
+the key list of `lorakit train --help` and the defaults of `lorakit eval`. The library's
+errors are rewritten into ours (`config_errors.py`: key, value, allowed range, "did you mean").
+
 `lora:` takes every `LoraConfig` field; the keys given override the job's defaults one by
 one (`lora: {r: 8}` keeps α=32, dropout 0.05 and all-linear targets). `--set
-train.max_steps=10` overrides one value (parsed as YAML). Unknown keys name the closest valid
-one; values of the wrong type say which key and what type.
+train.max_steps=10` overrides one value (parsed as YAML).
 
 Paths (`model` when it is a directory, `data.train`, `data.eval`, `output_dir`): one rule.
 A relative path written in the YAML file is relative to the file's folder, wherever the
@@ -23,100 +27,125 @@ paths are what config.yaml and report.md record.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from lorakit.base_models import DEFAULT_MODEL, is_builtin_model
-from lorakit.errors import ConfigError, DataError, closest
+from lorakit.errors import ConfigError, DataError
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.optim import OPTIMIZERS
+from lorakit.train.config_errors import reject_bools_for_numbers, type_name, validated
 
-DATA_FORMATS = ("auto", "messages", "prompt_completion", "text")
+DATA_FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 QUANTIZE = (None, "nf4", "fp4", "int8")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-# What people type when they come from Axolotl, LLaMA-Factory or HF TrainingArguments.
-SYNONYMS = {"lr": "learning_rate", "steps": "max_steps", "micro_batch_size": "batch_size",
-            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
-            "sequence_len": "max_seq_len", "cutoff_len": "max_seq_len", "lr_scheduler_type": "lr_scheduler",
-            "sample_packing": "packing", "dataset": "train", "val_set_size": "eval_fraction",
-            "save_total_limit": "keep_checkpoints", "base_model": "model", "load_in_4bit": "quantize"}
+DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
-@dataclass
-class DataConfig:
-    train: str | None = None  # JSONL, JSON (a list of objects) or CSV
-    eval: str | None = None  # optional; otherwise `eval_fraction` of train is held out
-    format: str = "auto"  # messages | prompt_completion | text | auto (decided from the columns)
-    max_seq_len: int = 512  # longer examples are cut (and counted); loss-free leftovers are dropped
-    packing: bool = False  # several examples per row, attention kept within each example
-    eval_fraction: float = 0.1
-    train_on_prompt: bool = False  # True: the loss also covers prompt / user tokens
-    chat_template: bool = True  # render prompt_completion with the tokenizer's chat template, if it has one
+class Section(BaseModel):
+    """Unknown keys are errors; YAML's spellings ("2e-4", "5") are read as numbers, a bool is not one."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _bools = field_validator("*", mode="before")(reject_bools_for_numbers)
 
 
-@dataclass
-class TrainConfig:
-    max_steps: int = 200
-    batch_size: int = 8
-    grad_accum: int = 1
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optimizer: str = "adamw"
-    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate = ratio x A's (the paper suggests 16)
-    loraplus_lr_embedding: float = 1e-6  # LoRA+: learning rate of embedding adapters
+class DataConfig(Section):
+    train: str | list[str] | None = Field(None, description="Training data: JSONL, JSON (a list of objects) or CSV; "
+                                                            "a list of files is read as one data set (required).")
+    eval: str | list[str] | None = Field(None, description="Eval data; unset: data.eval_fraction of train is held out.")
+    format: Literal[DATA_FORMATS] = Field(
+        "auto", description="messages (chat, OpenAI fine-tuning JSONL) | prompt_completion | text | alpaca | sharegpt "
+                            "| auto (decided from the columns).")
+    max_seq_len: int = Field(512, gt=0, description="Longer examples are cut (and counted); loss-free leftovers dropped.")
+    packing: bool = Field(False, description="Several examples per row, attention kept within each example.")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when data.eval is unset.")
+    train_on_prompt: bool = Field(False, description="True: the loss also covers prompt / user tokens.")
+    chat_template: bool = Field(True, description="Render prompt/completion pairs with the tokenizer's chat template.")
+
+
+class TrainConfig(Section):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps (default 200 when train.epochs is unset).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data, instead of max_steps.")
+    batch_size: int = Field(8, gt=0, description="Examples per device per micro-step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal[SCHEDULERS] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; when set, warmup_ratio is not used.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    optimizer: Literal[OPTIMIZERS] = "adamw"
+    loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate = ratio x A's (16).")
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: learning rate of embedding adapters.")
     seed: int = 42
-    logging_steps: int = 5
-    save_steps: int = 50
-    eval_steps: int = 50
-    keep_checkpoints: int = 2  # the newest K complete checkpoints are kept
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description="The newest K complete checkpoints are kept.")
     gradient_checkpointing: bool = False
-    torch_compile: bool = False  # compile the decoder layers; the first step includes the compilation
-    bf16: bool = False  # bf16 autocast (weights and adapters stay fp32), as GPU users train
-    fp16: bool = False  # fp16 autocast with loss scaling; needs a CUDA GPU
+    torch_compile: bool = Field(False, description="Compile the decoder layers; the first step includes compiling.")
+    bf16: bool = Field(False, description="bf16 autocast (weights and adapters stay fp32), as GPU users train.")
+    fp16: bool = Field(False, description="fp16 autocast with loss scaling; needs a CUDA GPU.")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainConfig:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError(f"train.max_steps ({self.max_steps}) and train.epochs ({self.epochs}) are both set; "
+                              "give one (the other is derived from the data size).")
+        if self.epochs is None and self.max_steps is None:
+            object.__setattr__(self, "max_steps", 200)  # the default, without re-running validation
+        return self
+
+    def length(self) -> str:
+        """How long the run is, as the user wrote it (for messages)."""
+        return f"{self.max_steps} steps" if self.epochs is None else f"{self.epochs:g} epochs"
 
 
-@dataclass
-class EvalConfig:
-    max_examples: int = 64  # eval examples used for the before/after comparison
-    max_new_tokens: int = 48  # greedy generation length for exact/contains match
-    samples: int = 3  # side-by-side generations shown in the report
-    batch_size: int = 8
+class EvalConfig(Section):
+    max_examples: int = Field(64, gt=0, description="Eval examples used for the before/after comparison.")
+    max_new_tokens: int = Field(48, gt=0, description="Greedy generation length for exact / contains match.")
+    samples: int = Field(3, ge=0, description="Side-by-side generations shown in the report.")
+    batch_size: int = Field(8, gt=0)
 
 
-@dataclass
-class RegisterConfig:
+class RegisterConfig(Section):
     """Push the finished adapter to the registry (with this config, the data digest and the eval)."""
 
-    name: str | None = None  # the adapter's registry name; unset: nothing is pushed
-    alias: str | None = None  # e.g. staging
-    registry: str | None = None  # a folder or database URL (default: $LORAKIT_REGISTRY, ~/.cache/lorakit/registry)
-    blobs: str | None = None  # the blob folder, with a database URL
+    name: str | None = Field(None, description="The adapter's registry name; unset: nothing is pushed.")
+    alias: str | None = Field(None, description="An alias to point at the new version, e.g. staging.")
+    registry: str | None = Field(None, description="A folder or database URL (default: $LORAKIT_REGISTRY).")
+    blobs: str | None = Field(None, description="The blob folder or fsspec URL, with a database URL.")
 
 
-def _default_lora() -> dict[str, Any]:
-    return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+# `register` shadows ABCMeta.register (a class method nobody calls on a config): pydantic warns when
+# the class is made; the field reads and writes as any other.
+warnings.filterwarnings("ignore", message='Field name "register" in "JobConfig"', category=UserWarning)
 
 
-@dataclass
-class JobConfig:
-    model: str = DEFAULT_MODEL
-    quantize: str | None = None
-    lora: dict[str, Any] = field(default_factory=_default_lora)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
+class JobConfig(Section):
+    model: str = Field(DEFAULT_MODEL, description="Built-in alias or a local transformers directory.")
+    quantize: Literal[QUANTIZE] = Field(None, description="Load the base in 4 or 8 bits (QLoRA): nf4 | fp4 | int8.")
+    lora: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LORA),
+                                 description="LoraConfig fields; the keys given override the job's defaults.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
     output_dir: str = "runs/example"
-    base_dir: Path = field(default=Path("."), repr=False, compare=False)  # the config file's folder; not a key
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)  # the config file's folder; not a key
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any) -> Any:
+        return {**DEFAULT_LORA, **value} if isinstance(value, dict) else {**DEFAULT_LORA} if value is None else value
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
 
     def lora_config(self) -> LoraConfig:
         """The adapter's LoraConfig; its own errors are prefixed with the section name."""
@@ -125,21 +154,18 @@ class JobConfig:
         except ConfigError as exc:
             raise ConfigError(f"lora: {exc}") from None
 
-    def data_path(self, which: str) -> Path | None:
-        """`data.train` / `data.eval` (already absolute, see `resolve_paths`) as an existing file."""
+    def data_paths(self, which: str) -> list[Path]:
+        """`data.train` / `data.eval` (already absolute, see `resolve_paths`) as existing files."""
         value = getattr(self.data, which)
-        if value is None:
-            return None
-        path = Path(value)
-        if not path.is_file():
-            raise DataError(f"data.{which}: file {str(path)!r} not found (relative paths in a config file are "
-                            f"relative to its folder, {self.base_dir}; with --set, to the working directory).")
-        return path
+        paths = [] if value is None else [Path(v) for v in ([value] if isinstance(value, str) else value)]
+        for path in paths:
+            if not path.is_file():
+                raise DataError(f"data.{which}: file {str(path)!r} not found (relative paths in a config file are "
+                                f"relative to its folder, {self.base_dir}; with --set, to the working directory).")
+        return paths
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("base_dir")
-        return out
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -157,26 +183,35 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping, or a ConfigError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} not found.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (model, lora, data, train, ...).")
+    return raw
+
+
 def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML file (or start from the defaults), apply `key.path=value` overrides, check it."""
+    """Read a YAML file (ours, Axolotl's or LLaMA-Factory's) or start from the defaults, apply
+    `key.path=value` overrides, check it."""
+    from lorakit.train.foreign import to_lorakit
+
     raw: dict[str, Any] = {}
     base_dir = Path.cwd()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {str(path)!r} not found.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys (model, lora, data, train, ...).")
-        base_dir = path.resolve().parent
+        raw = to_lorakit(read_yaml(path), Path(path)).config
+        base_dir = Path(path).resolve().parent
     given = {_apply_override(raw, item) for item in overrides or []}
-    config = _build(JobConfig, raw, "")
-    config.base_dir = base_dir
+    config = validated(JobConfig, raw)
+    config._base_dir = base_dir
     resolve_paths(config, given)
-    _check(config)
+    check_job(config)
     return config
 
 
@@ -192,10 +227,11 @@ def resolve_paths(config: JobConfig, from_command_line: set[str]) -> None:
         if value is None or (key == "model" and is_builtin_model(value)):
             continue
         anchor = Path.cwd() if key in from_command_line else config.base_dir
-        path = anchor / Path(value).expanduser()  # an absolute value stays itself
-        if key == "model" and not path.is_dir():
+        paths = [anchor / Path(v).expanduser() for v in ([value] if isinstance(value, str) else value)]
+        if key == "model" and not paths[0].is_dir():
             continue  # neither alias nor directory: the loader's error names both
-        setattr(owner, leaf, str(path.resolve()))
+        resolved = [str(path.resolve()) for path in paths]  # an absolute value stays itself
+        setattr(owner, leaf, resolved[0] if isinstance(value, str) else resolved)
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> str:
@@ -213,87 +249,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
     return key.strip()
 
 
-def _build(cls, raw: Any, where: str):
-    """A dataclass from a mapping, checking every key and coercing simple types."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'} must be a mapping, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls) if f.name != "base_dir"]
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(
-                f"Unknown key {where + str(key)!r}.{closest(str(key), fields, SYNONYMS)} Valid keys: {', '.join(fields)}."
-            )
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value if value is not None else {}, f"{where}{key}.")
-        elif typing.get_origin(hint) is dict:  # a free-form section (lora:): given keys override the defaults
-            default = next(f for f in dataclasses.fields(cls) if f.name == key).default_factory()
-            values[key] = {**default, **_coerce({} if value is None else value, hint, where + key)}
-        else:
-            values[key] = _coerce(value, hint, where + key)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint, key: str):
-    """Accept YAML's spellings: "2e-4" (a string to PyYAML) is a float, 5 is a float too."""
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (typing.get_origin(hint) or hint,)
-    if value is None and type(None) in allowed:
-        return None
-    if isinstance(value, bool) and bool not in allowed:
-        raise ConfigError(f"{key} must be {_type_name(allowed)}, got {value!r}.")
-    for kind in allowed:
-        if kind in (dict, list) and isinstance(value, kind):
-            return value
-        if isinstance(value, kind) and kind is not type(None):
-            return value
-    for kind in allowed:
-        try:
-            if kind is float and isinstance(value, int | str):
-                return float(value)
-            if kind is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                return int(value)
-        except ValueError:
-            pass
-    raise ConfigError(f"{key} must be {_type_name(allowed)}, got {value!r}.")
-
-
-def _type_name(kinds) -> str:
-    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-
-
-def _check(config: JobConfig) -> None:
-    """Values that parse but make no sense; data files are checked when the data is read."""
-    def choice(key: str, value, allowed) -> None:
-        if value not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"{key} must be one of {shown}; got {value!r}.{closest(str(value), [str(a) for a in allowed])}")
-
-    def positive(key: str, value, zero_ok: bool = False) -> None:
-        if value < 0 or (value == 0 and not zero_ok):
-            raise ConfigError(f"{key} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}.")
-
-    choice("quantize", config.quantize, QUANTIZE)
-    choice("data.format", config.data.format, DATA_FORMATS)
-    choice("train.lr_scheduler", config.train.lr_scheduler, SCHEDULERS)
-    choice("train.optimizer", config.train.optimizer, OPTIMIZERS)
-    if config.data.train is None:
+def check_job(config: JobConfig) -> None:
+    """What a single field's type and range cannot say: data is given, the machine runs the
+    precision, the LoRA config builds. Data files are checked when the data is read."""
+    if not config.data.train:
         raise DataError("data.train is required: the path of a JSONL, JSON or CSV file of training examples.")
-    if not 0 < config.data.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be between 0 and 1, got {config.data.eval_fraction!r}.")
-    if not 0 <= config.train.warmup_ratio < 1:
-        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {config.train.warmup_ratio!r}.")
-    for key in ("max_seq_len",):
-        positive(f"data.{key}", getattr(config.data, key))
-    for key in ("max_steps", "batch_size", "grad_accum", "learning_rate", "logging_steps", "save_steps",
-                "eval_steps", "keep_checkpoints"):
-        positive(f"train.{key}", getattr(config.train, key))
-    for key in ("max_examples", "max_new_tokens", "batch_size"):
-        positive(f"eval.{key}", getattr(config.eval, key))
-    positive("eval.samples", config.eval.samples, zero_ok=True)
-    if config.train.loraplus_lr_ratio is not None:
-        positive("train.loraplus_lr_ratio", config.train.loraplus_lr_ratio)
     check_precision(config.train.bf16, config.train.fp16)
     lora = config.lora_config()  # LoraConfig's own checks, with "lora:" in front
     if lora.use_dora and str(lora.init_lora_weights).startswith("pissa_niter_"):
@@ -320,3 +280,37 @@ def check_precision(bf16: bool, fp16: bool) -> None:
                 torch.ones(2, 2) @ torch.ones(2, 2)
         except RuntimeError as exc:
             raise ConfigError(f"train.bf16: this CPU cannot run bf16 autocast ({exc}); set train.bf16: false.") from None
+
+
+def json_schema() -> dict[str, Any]:
+    """The job's JSON Schema (`lorakit schema`), with `lora:` spelled out from LoraConfig's fields."""
+    from pydantic import TypeAdapter
+
+    schema = JobConfig.model_json_schema()
+    lora = TypeAdapter(LoraConfig).json_schema()
+    lora.pop("required", None)
+    for key, value in DEFAULT_LORA.items():
+        lora["properties"][key]["default"] = value
+    lora["properties"].pop("task_type", None)
+    schema["properties"]["lora"] = {**lora, "additionalProperties": False, "title": "Lora",
+                                    "description": schema["properties"]["lora"]["description"]}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def documented_keys() -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, description) of every key but lora's: `lorakit train --help`."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            kind = info.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{prefix}{name}.")
+                continue
+            default = info.get_default(call_default_factory=True)
+            rows.append((prefix + name, type_name(kind), default, info.description or ""))
+
+    walk(JobConfig, "")
+    return rows
+

@@ -1,10 +1,17 @@
 """Training data: files → records → token ids and labels, with the loss on the answer only.
 
-Three formats, decided from the columns (or `data.format`):
+Five formats, decided from the columns (or `data.format`):
 
-    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}  chat
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}  chat (OpenAI's
+                                                    fine-tuning JSONL: an assistant turn with "weight": 0 gets no loss)
+    {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}    ShareGPT (system: optional)
+    {"instruction": ..., "input": ..., "output": ..., "system": ...}              Alpaca (input, system optional)
     {"prompt": ..., "completion": ...}                                             TRL's convention
     {"text": ...}                                                                  plain text
+
+ShareGPT becomes the chat it spells (human → user, gpt → assistant); an Alpaca record is the
+chat [system, user: instruction + "\n" + input, assistant: output], as LLaMA-Factory reads
+it, rendered by the tokenizer's own template (no Alpaca prompt prose is added).
 
 A chat is rendered with the tokenizer's chat template; the loss covers the assistant turns
 only (each turn's span is the difference between the chat rendered up to the turn's
@@ -32,7 +39,10 @@ import torch
 from lorakit.errors import DataError
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
-FORMAT_COLUMNS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+# In the order `auto` tries them: an Alpaca file often carries a pre-rendered "text" column too.
+FORMAT_COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+                  "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -134,7 +144,7 @@ def detect_format(records: list[dict], path: Path, requested: str = "auto") -> s
         if not fitting:
             raise DataError(
                 f"{path}: the columns {sorted(columns)} fit no data format. Expected 'messages' (chat), "
-                "'prompt' + 'completion', or 'text'."
+                "'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca), 'prompt' + 'completion', or 'text'."
             )
         requested = fitting[0]
     needed = FORMAT_COLUMNS[requested]
@@ -199,7 +209,7 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     last_prompt: list[int] = []
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight", 1) == 0:  # OpenAI's weight 0: context only
             continue
         head = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True)
         end = len(chat_ids(tokenizer, messages[: turn + 1]))
@@ -233,9 +243,38 @@ def encode_text(tokenizer, text: str) -> Example:
     return Example(ids, list(ids))
 
 
+def sharegpt_messages(record: dict) -> list[dict]:
+    """ShareGPT's turns as chat messages (a top-level "system" first, as LLaMA-Factory allows)."""
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+        raise DataError(f"'conversations' must be a list of {{\"from\": ..., \"value\": ...}}; got {turns!r:.120}")
+    unknown = sorted({str(t["from"]) for t in turns} - set(SHAREGPT_ROLES))
+    if unknown:
+        raise DataError(f"ShareGPT turns from {unknown} cannot be trained on as chat (known: human, gpt, system); "
+                        "render tool turns as text, or drop the record.")
+    system = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+    return system + [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
+def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
+    """instruction (+ "\n" + input) → output, with the optional system prompt first."""
+    prompt = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
+    system = record.get("system")
+    if system and chat_template and getattr(tokenizer, "chat_template", None):
+        return encode_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": record["output"]}], train_on_prompt)
+    example = encode_prompt_completion(tokenizer, f"{system}\n\n{prompt}" if system else prompt, record["output"],
+                                       train_on_prompt, chat_template)
+    return dataclasses.replace(example, question=prompt)
+
+
 def encode_record(tokenizer, record: dict, fmt: str, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
     if fmt == "messages":
         return encode_chat(tokenizer, record["messages"], train_on_prompt)
+    if fmt == "sharegpt":
+        return encode_chat(tokenizer, sharegpt_messages(record), train_on_prompt)
+    if fmt == "alpaca":
+        return encode_alpaca(tokenizer, record, train_on_prompt, chat_template)
     if fmt == "prompt_completion":
         return encode_prompt_completion(tokenizer, record["prompt"], record["completion"], train_on_prompt, chat_template)
     return encode_text(tokenizer, record["text"])
@@ -275,6 +314,18 @@ def load_dataset(path: Path, tokenizer, fmt: str = "auto", max_seq_len: int = 51
             f"answer token (the shortest has {shortest} tokens); raise data.max_seq_len."
         )
     return Dataset(examples, stats, fmt)
+
+
+def concat(parts: list[Dataset]) -> Dataset:
+    """Several files read as one data set (each file's format detected on its own)."""
+    if len(parts) == 1:
+        return parts[0]
+    stats = DataStats()
+    for part in parts:
+        for name, value in vars(part.stats).items():
+            setattr(stats, name, max(getattr(stats, name), value) if name == "longest" else getattr(stats, name) + value)
+    formats = sorted({part.format for part in parts})
+    return Dataset([e for part in parts for e in part.examples], stats, "+".join(formats))
 
 
 def split_eval(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

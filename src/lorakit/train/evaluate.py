@@ -16,6 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from lorakit.train.config import EvalConfig
 from lorakit.train.data import IGNORE_INDEX, Collator, Example
 
 
@@ -73,20 +74,22 @@ def score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_
     return result
 
 
-def compare(model, tokenizer, examples: list[Example], max_new_tokens: int = 48, samples: int = 3,
-            batch_size: int = 8) -> dict:
-    """{"base": metrics, "adapter": metrics, "samples": [...]} for the same examples."""
+def compare(model, tokenizer, examples: list[Example], settings: EvalConfig | None = None) -> dict:
+    """{"base": metrics, "adapter": metrics, "samples": [...]} for the same examples (the first
+    `settings.max_examples`; defaults: the job's `eval:` section)."""
+    settings = settings or EvalConfig()
+    examples = examples[: settings.max_examples]
     was_training = model.training
     model.eval()
     try:
         with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-            base = score(model, tokenizer, examples, max_new_tokens, batch_size)
-        adapter = score(model, tokenizer, examples, max_new_tokens, batch_size)
+            base = score(model, tokenizer, examples, settings.max_new_tokens, settings.batch_size)
+        adapter = score(model, tokenizer, examples, settings.max_new_tokens, settings.batch_size)
     finally:
         model.train(was_training)
     asked = [e for e in examples if e.prompt_ids and e.reference is not None]
     shown = []
-    for i, example in enumerate(asked[:samples]):
+    for i, example in enumerate(asked[: settings.samples]):
         shown.append({"prompt": example.question, "expected": example.reference,
                       "base": base["answers"][i], "adapter": adapter["answers"][i]})
     base.pop("answers", None)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers import TrainingArguments, set_seed
+from transformers import PrinterCallback, TrainingArguments, set_seed
 
 from lorakit.base_models import load_base, load_tokenizer
 from lorakit.compile import compile_blocks
@@ -37,8 +37,8 @@ from lorakit.model import PeftModel, get_peft_model
 from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
-from lorakit.train.config import JobConfig, flatten, load_job_config
-from lorakit.train.data import Collator, Dataset, load_dataset, pack, split_eval
+from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig, flatten, load_job_config
+from lorakit.train.data import Collator, Dataset, concat, load_dataset, pack, split_eval
 from lorakit.train.evaluate import compare
 from lorakit.train.report import plot_losses, print_comparison, write_report
 from lorakit.train.trainer import LoraTrainer, checkpoints, prune_checkpoints
@@ -53,10 +53,10 @@ def build_data(config: JobConfig, tokenizer) -> tuple[Dataset, Dataset]:
     data = config.data
     options = {"fmt": data.format, "max_seq_len": data.max_seq_len, "train_on_prompt": data.train_on_prompt,
                "chat_template": data.chat_template}
-    train = load_dataset(config.data_path("train"), tokenizer, **options)
-    eval_path = config.data_path("eval")
-    if eval_path is not None:
-        evaluation = load_dataset(eval_path, tokenizer, **options)
+    train = concat([load_dataset(path, tokenizer, **options) for path in config.data_paths("train")])
+    eval_paths = config.data_paths("eval")
+    if eval_paths:
+        evaluation = concat([load_dataset(path, tokenizer, **options) for path in eval_paths])
     else:
         train, evaluation = split_eval(train, data.eval_fraction, config.train.seed)
     if data.packing:
@@ -67,18 +67,36 @@ def build_data(config: JobConfig, tokenizer) -> tuple[Dataset, Dataset]:
 def training_arguments(config: JobConfig, has_eval: bool) -> TrainingArguments:
     t = config.train
     return TrainingArguments(
-        output_dir=config.output_dir, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
+        output_dir=config.output_dir, **schedule_arguments(t), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=config.eval.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        **checkpointing_arguments(t.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to=[],
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         save_only_model=False, bf16=t.bf16, fp16=t.fp16,
     )
+
+
+def schedule_arguments(t: TrainConfig) -> dict:
+    """Run length and warm-up as this transformers takes them: max_steps or epochs (HF Trainer
+    derives the steps from the data), warm-up steps or a ratio of the steps (transformers 5
+    dropped `warmup_ratio` and reads a `warmup_steps` below 1 as the ratio; 4.x has both)."""
+    length = {"max_steps": t.max_steps} if t.epochs is None else {"max_steps": -1, "num_train_epochs": t.epochs}
+    if t.warmup_steps is not None:
+        return length | {"warmup_steps": t.warmup_steps}
+    name = "warmup_ratio" if "warmup_ratio" in TrainingArguments.__dataclass_fields__ else "warmup_steps"
+    return length | {name: t.warmup_ratio}
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    """Activation checkpointing under the name this transformers takes (5.x renamed it and warns
+    on the old one), non-reentrant (the reentrant variant drops gradients of frozen-input blocks)."""
+    name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+        else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
 def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
@@ -111,26 +129,28 @@ def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tupl
 
 
 def _check_resumable(config: JobConfig, out: Path, checkpoint: Path) -> str | None:
-    """Resuming with other settings would silently train a different model; only more steps are
-    allowed (returns what a decaying schedule then does)."""
+    """Resuming with other settings would silently train a different model; only the run's length
+    (train.max_steps, or train.epochs) may grow (returns what a decaying schedule then does)."""
     saved_path = out / "config.yaml"
     if not saved_path.is_file():
         return None
     saved = load_job_config(saved_path)
-    changes = [f"{key}: {old!r} → {new!r}" for key, old, new in _differences(saved.to_dict(), config.to_dict())
-               if key not in ("train.max_steps", "output_dir")]
+    key = "train.max_steps" if config.train.epochs is None else "train.epochs"
+    changes = [f"{name}: {old!r} → {new!r}" for name, old, new in _differences(saved.to_dict(), config.to_dict())
+               if name not in (key, "output_dir")]
     if changes:
         raise ConfigError("--resume: the config differs from the run's config.yaml in " + "; ".join(changes)
-                          + ". Only train.max_steps may grow on resume; start a new run for other settings.")
-    step, steps, was = _step_of(checkpoint), config.train.max_steps, saved.train.max_steps
-    if steps < was:
-        raise ConfigError(f"--resume: train.max_steps {was} → {steps}: lowering the step count is not a resume (the "
-                          f"learning-rate schedule was built for {was} steps). Use {checkpoint / 'adapter_model.safetensors'}"
-                          " as it is, or start a new run.")
-    if steps == was and step >= steps and (out / "summary.json").is_file():
-        raise ConfigError(f"--resume: {out} is finished ({steps} of {steps} steps; see its report.md). To train "
-                          f"further, raise the step count: --set train.max_steps={2 * steps} --resume.")
-    return schedule_note(config.train.lr_scheduler, was, steps)
+                          + f". Only {key} may grow on resume; start a new run for other settings.")
+    field = key.split(".")[1]
+    now, was = getattr(config.train, field), getattr(saved.train, field)
+    if now < was:
+        raise ConfigError(f"--resume: {key} {was} → {now}: shortening the run is not a resume (the learning-rate "
+                          f"schedule was built for {saved.train.length()}). Use "
+                          f"{checkpoint / 'adapter_model.safetensors'} as it is, or start a new run.")
+    if now == was and (out / "summary.json").is_file():
+        raise ConfigError(f"--resume: {out} is finished ({saved.train.length()}; see its report.md). To train "
+                          f"further, make it longer: --set {key}={2 * now:g} --resume.")
+    return schedule_note(config.train.lr_scheduler, key, was, now)
 
 
 def _differences(saved: dict, current: dict):
@@ -141,13 +161,13 @@ def _differences(saved: dict, current: dict):
             yield key, old.get(key), new.get(key)
 
 
-def schedule_note(schedule: str, was: int, steps: int) -> str | None:
-    """What a decaying schedule does when a resumed run is given more steps."""
-    if steps <= was or schedule not in DECAYING_SCHEDULES:
+def schedule_note(schedule: str, key: str, was: float, now: float) -> str | None:
+    """What a decaying schedule does when a resumed run is made longer."""
+    if now <= was or schedule not in DECAYING_SCHEDULES:
         return None
-    return (f"train.max_steps grew from {was} to {steps} under the '{schedule}' schedule: the schedule is recomputed "
-            f"for {steps} steps, so the learning rate continues from where {steps} steps would have it at the "
-            f"resumed step (higher than at the end of the first run), then decays to 0 at step {steps}. For a "
+    return (f"{key} grew from {was:g} to {now:g} under the '{schedule}' schedule: the schedule is recomputed "
+            f"for the longer run, so the learning rate continues from where that run would have it at the "
+            f"resumed step (higher than at the end of the first run), then decays to 0 at its end. For a "
             "fresh decay, start a new run; for a flat continuation use lr_scheduler: constant.")
 
 
@@ -228,22 +248,21 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
         callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
     )
+    trainer.remove_callback(PrinterCallback)  # its raw {'loss': ...} dicts repeat what the progress display shows
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except KeyboardInterrupt:
         progress.stop()
         complete, _ = checkpoints(out)
-        raise TrainingInterrupted(out, trainer.state.global_step, config.train.max_steps,
+        raise TrainingInterrupted(out, trainer.state.global_step, trainer.state.max_steps,
                                   complete[-1] if complete else None, config.train.save_steps) from None
     seconds = time.perf_counter() - started
     save_adapter(model, config, out)
 
     started_eval = time.perf_counter()
-    examples = evaluation.examples[: config.eval.max_examples]
-    with console.status(f"Comparing base and adapter on {len(examples)} eval examples…"):
-        comparison = compare(model, tokenizer, examples, config.eval.max_new_tokens, config.eval.samples,
-                             config.eval.batch_size)
+    with console.status(f"Comparing base and adapter on {min(len(evaluation), config.eval.max_examples)} eval examples…"):
+        comparison = compare(model, tokenizer, evaluation.examples, config.eval)
     metrics = read_metrics(out / "metrics.jsonl")
     memory, memory_kind = peak_memory()
     summary = {
@@ -309,11 +328,11 @@ def _step_of(checkpoint: Path | None) -> int | None:
     return int(checkpoint.name.split("-")[1]) if checkpoint else None
 
 
-def run_eval(model_name: str, adapter: Path, data: Path, fmt: str = "auto", max_seq_len: int = 512,
-             quantize: str | None = None, max_examples: int = 64, max_new_tokens: int = 48, samples: int = 3,
-             batch_size: int = 8) -> dict:
-    """The before/after comparison of a saved adapter on a data file (what `lorakit eval` prints)."""
+def run_eval(model_name: str, adapter: Path, data: Path, fmt: str = "auto", max_seq_len: int | None = None,
+             quantize: str | None = None, settings: EvalConfig | None = None) -> dict:
+    """The before/after comparison of a saved adapter on a data file (what `lorakit eval` prints);
+    defaults are the job's (`data.max_seq_len`, the `eval:` section)."""
     tokenizer = load_tokenizer(model_name)
-    examples = load_dataset(Path(data), tokenizer, fmt, max_seq_len).examples[:max_examples]
+    examples = load_dataset(Path(data), tokenizer, fmt, max_seq_len or DataConfig().max_seq_len).examples
     model = PeftModel.from_pretrained(load_base(model_name, quantize=quantize), adapter)
-    return compare(model, tokenizer, examples, max_new_tokens, samples, batch_size)
+    return compare(model, tokenizer, examples, settings)

@@ -1,0 +1,71 @@
+"""Configs from other tools, read as ours: `lorakit train axolotl.yml` / `llamafactory.yaml`
+detect the dialect and map it; `lorakit config import FILE` writes the lorakit YAML and shows
+the mapping table (mapped, ignored and why, defaults written out).
+
+A file is foreign when it has its tool's hallmark keys and none of our sections (so a lorakit
+config with one stray `base_model:` gets our "did you mean 'model'?" instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.train.foreign import axolotl, llamafactory
+from lorakit.train.foreign.mapping import Mapper, Row, apply
+
+DIALECTS = {"axolotl": axolotl, "llamafactory": llamafactory}
+OUR_SECTIONS = ("lora", "data", "train", "eval", "register")
+
+
+@dataclass
+class Imported:
+    dialect: str  # lorakit | axolotl | llamafactory
+    config: dict[str, Any]  # ours, raw (validated by load_job_config)
+    rows: list[Row]
+
+
+def detect(raw: dict[str, Any]) -> str:
+    if any(isinstance(raw.get(section), dict) for section in OUR_SECTIONS):
+        return "lorakit"
+    for name in ("llamafactory", "axolotl"):  # LLaMA-Factory first: Axolotl has no model_name_or_path
+        if any(key in raw for key in DIALECTS[name].HALLMARKS):
+            return name
+    return "lorakit"
+
+
+def to_lorakit(raw: dict[str, Any], path: Path) -> Imported:
+    dialect = detect(raw)
+    if dialect == "lorakit":
+        return Imported(dialect, raw, [])
+    module = DIALECTS[dialect]
+    mapper = Mapper(dialect, Path(path).resolve().parent)
+    apply(mapper, _ordered(raw), module.HANDLERS)
+    if dialect == "llamafactory":
+        _llamafactory_defaults(mapper)
+    config = {k: v for k, v in mapper.config.items() if not k.startswith("_")}  # handlers' notes to each other
+    return Imported(dialect, config, mapper.rows)
+
+
+def _ordered(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keys that others read first (dataset_dir before dataset, pissa_iter before pissa_init, the
+    load_in_* bits before adapter)."""
+    first = ("dataset_dir", "pissa_iter", "load_in_4bit", "load_in_8bit", "quantization_bit")
+    return {**{k: raw[k] for k in first if k in raw}, **{k: v for k, v in raw.items() if k not in first}}
+
+
+def _llamafactory_defaults(mapper: Mapper) -> None:
+    why = "LLaMA-Factory's default (ours differs)"
+    for target, value in llamafactory.DEFAULTS.items():
+        mapper.default(target, value, why)
+    mapper.default("lora.lora_alpha", 2 * mapper.get("lora.r"), "LLaMA-Factory's default: 2 x lora_rank")
+    for target, value in {"train.learning_rate": 5e-5, "train.lr_scheduler": "linear", "train.warmup_ratio": 0.0,
+                          "train.batch_size": 8}.items():
+        mapper.default(target, value, "HF TrainingArguments' default, which LLaMA-Factory keeps")
+    if mapper.get("train.max_steps") is None:
+        mapper.default("train.epochs", 3.0, "HF TrainingArguments' default, which LLaMA-Factory keeps")
+
+
+def known_keys(dialect: str) -> list[str]:
+    return sorted(DIALECTS[dialect].HANDLERS)
