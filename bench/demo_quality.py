@@ -36,8 +36,8 @@ def run_side(side: str, steps: int, variant: str = "lora") -> dict:
 
     from lorakit.base_models import load_tokenizer
     from lorakit.optim import make_optimizer
+    from lorakit.train.batching import Collator
     from lorakit.train.config import load_job_config
-    from lorakit.train.data import Collator
     from lorakit.train.evaluate import compare
     from lorakit.train.job import build_data, build_model, build_optimizer, training_arguments
     from lorakit.train.trainer import LoraTrainer

@@ -99,3 +99,37 @@ def test_plan_matches_measured_peak_memory_of_real_steps(method, batch, seq, ckp
                      runtime_gb=run["rss_after_import_mb"] * 2**20 / 1e9).total_gb
     actual = run["step_peak_mb"] * 2**20 / 1e9
     assert abs(predicted - actual) / actual < 0.20, f"planned {predicted:.2f} GB, measured {actual:.2f} GB"
+
+
+@pytest.mark.parametrize("size", ["7B", "8B", "13B", "34B", "65B", "70B"])
+def test_params_alone_assume_the_standard_shape_and_count_the_adapter(size):
+    """The assumed shape is the real model's: its transformers config (on the meta device) has the
+    stated size within 5%, and r·(in + out) summed over its linear layers is the adapter we plan."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.plan import standard_shape
+
+    shape, note = standard_shape(parse_count(size))
+    assert "assumed the" in note and f"{shape.layers} layers" in note
+    config = LlamaConfig(num_hidden_layers=shape.layers, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_attention_heads=shape.hidden // 128, num_key_value_heads=shape.kv_dim // 128,
+                         vocab_size=shape.vocab)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(parse_count(size), rel=0.05)
+    adapter = sum(16 * (m.in_features + m.out_features) for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert shape.lora_params(16) == adapter
+
+
+def test_cli_plan_70b_lora_counts_the_adapter_and_shows_both_full_recipes():
+    run = CliRunner().invoke(app, ["plan", "--params", "70B", "--method", "lora", "--json"])
+    result = json.loads(run.output)
+    assert result["parts_gb"]["adapters (fp32)"] == pytest.approx(207_093_760 * 4 / 1e9)  # r=16, Llama-2-70B
+    assert "assumed the Llama-2-70B shape" in result["notes"][0]
+    run = CliRunner().invoke(app, ["plan", "--params", "70B", "--method", "full"])
+    text = " ".join(run.output.split())
+    assert "12-byte (no master copy): 840.00 GB ← this plan" in text and "16-byte (fp32 master copy): 1,120.00 GB" in text
+    run = CliRunner().invoke(app, ["plan", "--params", "70B", "--method", "lora", "--layers", "8", "--hidden", "64"])
+    assert "assumed" not in run.output  # a shape given is a shape used

@@ -16,8 +16,8 @@ import lorakit
 from lorakit.base_models import DEFAULT_MODEL
 from lorakit.errors import LorakitError, TrainingInterrupted
 from lorakit.registry.cli import app as registry_app
-from lorakit.train.config_cli import app as config_app
 from lorakit.train.config import DATA_FORMATS, QUANTIZE, DataConfig, EvalConfig
+from lorakit.train.config_cli import app as config_app
 
 app = typer.Typer(
     name="lorakit",
@@ -163,17 +163,26 @@ def plan(
     from lorakit.base_models import resolve_model_path
 
     def build():
+        assumed = None
         if model:
             shape = planner.Shape.from_model_dir(resolve_model_path(model))
         elif params:
+            count = planner.parse_count(params)
+            standard = planner.standard_shape(count) if layers is hidden is intermediate is None else None
             width = intermediate or (hidden and int(hidden * 8 / 3))
-            shape = planner.Shape(planner.parse_count(params), layers, hidden, width)
+            shape, assumed = standard or (planner.Shape(count, layers, hidden, width), None)
         else:
             raise LorakitError("Give --params (e.g. 70B) or --model.")
         size = {"bf16": 2, "fp16": 2, "fp32": 4}.get(dtype)
         if size is None:
             raise LorakitError(f"--dtype must be bf16, fp16 or fp32, got {dtype!r}.")
         result = planner.plan(shape, method, r, batch, seq, grad_ckpt, master_copy, size, runtime_gb=runtime_gb)
+        if assumed:
+            result.notes.insert(0, assumed)
+        if method == "full":  # the seed's two recipes side by side: 12 bytes a parameter, or 16 with a master copy
+            other = planner.plan(shape, method, r, batch, seq, grad_ckpt, not master_copy, size, runtime_gb=runtime_gb)
+            result.recipes = {"12-byte (no master copy)": (other if master_copy else result).total_gb,
+                              "16-byte (fp32 master copy)": (result if master_copy else other).total_gb}
         if tenants:
             if adapter_mb is None:
                 raise LorakitError("--tenants needs --adapter-mb.")
@@ -193,6 +202,8 @@ def plan(
     table.add_row("[bold]total[/bold]", f"[bold]{result.total_gb:,.2f}[/bold]")
     console = Console()
     console.print(table)
+    for recipe, total in (result.recipes or {}).items():
+        console.print(f"{recipe}: {total:,.2f} GB" + ("  ← this plan" if abs(total - result.total_gb) < 1e-9 else ""))
     if result.tenants:
         t = result.tenants
         console.print(f"{t['tenants']} tenants: {t['merged_gb']:,.2f} GB as merged copies vs "

@@ -43,9 +43,10 @@ class PeftModel(nn.Module):
     _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig | None, adapter_name: str = "default", *,
-                 _load_plan: LoadPlan | None = None):
+                 _load_plan: LoadPlan | None = None, _fingerprint: dict | None = None):
         super().__init__()
-        self.base_fingerprint = base_fingerprint(model)  # now, before any merge can change the weights
+        # now, before any merge can change the weights (from_pretrained passes the one it checked against)
+        self.base_fingerprint = _fingerprint or base_fingerprint(model)
         self.adapter_set = AdapterSet()
         self.base_model = LoraModel(model, self.adapter_set)
         if peft_config is not None:  # None: no adapter yet (`for_serving`)
@@ -206,9 +207,10 @@ class PeftModel(nn.Module):
         """Wrap `model` with a saved adapter (ours or PEFT's); nothing is changed if any check fails."""
         if isinstance(model, PeftModel):
             raise AdapterStateError("The model is already a PeftModel; use model.load_adapter(path, name) instead.")
-        config, plan = checked_load(model, base_fingerprint(model), model_id, is_trainable, verify_base,
-                                    verify_integrity, peft_options)
-        return cls(model, config, adapter_name, _load_plan=plan)
+        fingerprint = base_fingerprint(model)
+        config, plan = checked_load(model, fingerprint, model_id, is_trainable, verify_base, verify_integrity,
+                                    peft_options)
+        return cls(model, config, adapter_name, _load_plan=plan, _fingerprint=fingerprint)
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, *, position_ids=None,

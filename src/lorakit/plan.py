@@ -88,12 +88,37 @@ class Shape:
         return r * self.layers * (9 * self.hidden + 2 * kv + 3 * self.intermediate)
 
 
+# Llama-style shapes of the common sizes, for `--params` alone: (model, layers, hidden, MLP width,
+# KV width = KV heads x head dim, vocab), from those models' config.json files.
+STANDARD_SHAPES: dict[float, tuple[str, int, int, int, int, int]] = {
+    7e9: ("Llama-2-7B", 32, 4096, 11008, 4096, 32000),
+    8e9: ("Llama-3-8B", 32, 4096, 14336, 1024, 128256),
+    13e9: ("Llama-2-13B", 40, 5120, 13824, 5120, 32000),
+    34e9: ("CodeLlama-34B", 48, 8192, 22016, 1024, 32000),
+    65e9: ("LLaMA-65B", 80, 8192, 22016, 8192, 32000),
+    70e9: ("Llama-2-70B", 80, 8192, 28672, 1024, 32000),
+}
+
+
+def standard_shape(params: float) -> tuple[Shape, str] | None:
+    """(the shape, what was assumed) when `params` is within 5% of a common size, else None.
+    The parameter count stays the one given; embeddings and head (2 x vocab x hidden) are what
+    QLoRA keeps in 16 bits."""
+    for size, (name, layers, hidden, width, kv, vocab) in STANDARD_SHAPES.items():
+        if abs(params - size) <= 0.05 * size:
+            shape = Shape(params, layers, hidden, width, kv, vocab, unquantized=2 * vocab * hidden)
+            return shape, (f"assumed the {name} shape: {layers} layers, hidden {hidden}, MLP {width}, KV width {kv}, "
+                           f"vocab {vocab} (give --layers/--hidden/--intermediate, or --model, for another)")
+    return None
+
+
 @dataclass
 class Plan:
     method: str
     parts_gb: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tenants: dict[str, float] | None = None
+    recipes: dict[str, float] | None = None  # full fine-tune: total GB without and with the fp32 master copy
 
     @property
     def total_gb(self) -> float:

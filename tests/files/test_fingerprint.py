@@ -130,3 +130,20 @@ def test_fingerprint_survives_merge_and_peft_adapters_warn_once(base, tmp_path):
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p")
         PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p")
     assert sum("no base fingerprint" in str(w.message) for w in seen) == 1
+
+
+def test_from_pretrained_fingerprints_the_base_once(tmp_path, monkeypatch):
+    """A fingerprint reads every weight: from_pretrained checks the file against one and keeps that one."""
+    import lorakit.model
+
+    base = tiny_llama()
+    lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    calls = []
+
+    def counted(model):
+        calls.append(model)
+        return base_fingerprint(model)
+
+    monkeypatch.setattr(lorakit.model, "base_fingerprint", counted)
+    loaded = PeftModel.from_pretrained(base, tmp_path)
+    assert len(calls) == 1 and loaded.base_fingerprint == base_fingerprint(base)

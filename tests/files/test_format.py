@@ -23,7 +23,7 @@ from lorakit.errors import (
     AdapterWeightsError,
     PickleRefusedError,
 )
-from lorakit.files.format import CONFIG_NAME, WEIGHTS_NAME
+from lorakit.files.format import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME
 
 CASES = {
     "llama-embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])),
@@ -227,15 +227,19 @@ def test_load_adapter_refuses_a_taken_name_before_reading(saved):
         model.load_adapter(saved, "default")
 
 
-def test_pickle_convert_command_makes_a_loadable_adapter(saved):
+@pytest.mark.parametrize("name", PICKLE_NAMES)
+def test_pickle_convert_command_makes_a_loadable_adapter(saved, name):
+    """Every pickle name `read_adapter`'s refusal sends users to convert is one convert reads."""
     from typer.testing import CliRunner
 
     from lorakit.cli import app
 
     expected = output_of(_load(saved), inputs_for(tiny_llama()))
     tensors = load_file(saved / WEIGHTS_NAME)
-    torch.save(tensors, saved / "adapter_model.bin")
+    torch.save(tensors, saved / name)
     (saved / WEIGHTS_NAME).unlink()
+    with pytest.raises(PickleRefusedError, match=f"{name} is a pickle file"):
+        _load(saved)
     refused = CliRunner().invoke(app, ["convert", str(saved)])
     assert refused.exit_code != 0 and not (saved / WEIGHTS_NAME).exists()
     result = CliRunner().invoke(app, ["convert", str(saved), "--allow-pickle"])

@@ -10,14 +10,13 @@ import torch
 from chat_model import FACTS, records, write_jsonl
 from lorakit.base_models import load_base, load_tokenizer
 from lorakit.errors import DataError
+from lorakit.train.batching import Collator, pack
 from lorakit.train.data import (
     IGNORE_INDEX,
-    Collator,
     encode_chat,
     encode_prompt_completion,
     encode_text,
     load_dataset,
-    pack,
     read_records,
 )
 

@@ -106,7 +106,7 @@ def bf16_run(tmp_path, chat_model_dir, fast: bool, sft: bool) -> list[float]:
     else:
         rows = [{"input_ids": e.input_ids, "labels": e.labels}
                 for e in (encode_record(tokenizer, r, "prompt_completion") for r in records("prompt_completion"))]
-        from lorakit.train.data import Collator
+        from lorakit.train.batching import Collator
 
         trainer = Trainer(model=model, args=TrainingArguments(**common, bf16=True),
                           train_dataset=datasets.Dataset.from_list(rows), data_collator=Collator(tokenizer.pad_token_id))

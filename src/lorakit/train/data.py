@@ -34,8 +34,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from lorakit.errors import DataError
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
@@ -53,6 +51,8 @@ class Example:
     reference: str | None = None  # the expected answer, for exact/contains match
     question: str | None = None  # the prompt as a person wrote it, for the report
     truncated: bool = False
+    group: str | None = None  # a record's optional "group" column: the before/after table is also shown per group
+    # (an optional "answer" column replaces `reference`: the key answer a longer completion states)
 
 
 @dataclass
@@ -302,6 +302,10 @@ def load_dataset(path: Path, tokenizer, fmt: str = "auto", max_seq_len: int = 51
             raise DataError(f"{path}, record {number}: {exc}") from None
         shortest = min(shortest or len(full.input_ids), len(full.input_ids))
         example = truncate(full, max_seq_len)
+        if record.get("group") is not None:
+            example.group = str(record["group"])
+        if record.get("answer") and example.reference is not None:  # the part a generation must contain
+            example.reference = str(record["answer"])
         if not any(label != IGNORE_INDEX for label in example.labels[1:]):  # label 0 is never predicted
             stats.dropped += 1
             stats.truncated += example.truncated
@@ -345,53 +349,3 @@ def split_eval(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Data
         parts.append(part)
     parts[0].stats.dropped = data.stats.dropped
     return parts[0], parts[1]
-
-
-# -- packing and batching -------------------------------------------------------------------
-def pack(examples: list[Example], max_len: int) -> list[dict[str, list[int]]]:
-    """Greedy first-fit packing into rows of at most `max_len` tokens.
-
-    Each row carries position_ids that restart at 0 for every example. Given position_ids,
-    no attention mask and no KV cache, transformers builds a block-diagonal causal mask from
-    them (`find_packed_sequence_indices`), so no example attends to another (tested on Llama;
-    a model whose attention ignores position_ids would leak). The first
-    label of each example is -100: the shifted loss would otherwise predict it from the
-    previous example's last token.
-    """
-    rows: list[dict[str, list[int]]] = []
-    for example in sorted(examples, key=lambda e: -len(e.input_ids)):
-        n = len(example.input_ids)
-        row = next((r for r in rows if len(r["input_ids"]) + n <= max_len), None)
-        if row is None:
-            row = {"input_ids": [], "labels": [], "position_ids": []}
-            rows.append(row)
-        row["input_ids"] += example.input_ids
-        row["labels"] += [IGNORE_INDEX] + example.labels[1:]
-        row["position_ids"] += list(range(n))
-    return rows
-
-
-class Collator:
-    """Right-pads a batch into tensors; packed rows keep position_ids and get no attention mask."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        packed = "position_ids" in rows[0]
-        positions = torch.zeros((len(rows), width), dtype=torch.long) if packed else None
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            mask[i, :n] = 1
-            if packed:  # padding is a segment of its own: positions restart at 0
-                positions[i, :n] = torch.tensor(row["position_ids"])
-                positions[i, n:] = torch.arange(width - n)
-        if packed:  # a KV cache (on by default in eval) would turn the packed-sequence detection off
-            return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}

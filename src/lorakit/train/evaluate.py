@@ -16,8 +16,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from lorakit.train.batching import Collator
 from lorakit.train.config import EvalConfig
-from lorakit.train.data import IGNORE_INDEX, Collator, Example
+from lorakit.train.data import IGNORE_INDEX, Example
 
 
 def normalize(text: str) -> str:
@@ -66,12 +67,24 @@ def score(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_
     asked = [e for e in examples if e.prompt_ids and e.reference is not None]
     if asked:
         answers = generate(model, tokenizer, [e.prompt_ids for e in asked], max_new_tokens, batch_size)
-        exact = sum(normalize(a) == normalize(e.reference) for a, e in zip(answers, asked, strict=True))
-        contains = sum(normalize(e.reference).casefold() in normalize(a).casefold()
-                       for a, e in zip(answers, asked, strict=True))
-        result |= {"exact_match": exact / len(asked), "contains_match": contains / len(asked),
-                   "generated": len(asked), "answers": answers}
+        exact = [normalize(a) == normalize(e.reference) for a, e in zip(answers, asked, strict=True)]
+        contains = [normalize(e.reference).casefold() in normalize(a).casefold() for a, e in zip(answers, asked, strict=True)]
+        result |= {"exact_match": sum(exact) / len(asked), "contains_match": sum(contains) / len(asked),
+                   "generated": len(asked), "answers": answers, "hits": list(zip(exact, contains, strict=True))}
     return result
+
+
+def by_group(asked: list[Example], base: dict, adapter: dict) -> list[dict]:
+    """Exact / contains match per `group` of the eval records (in order of appearance), when they have groups."""
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(asked):
+        if example.group is not None:
+            groups.setdefault(example.group, []).append(i)
+    return [{"group": name, "examples": len(rows),
+             **{f"{side}_{metric}": sum(scores["hits"][i][k] for i in rows) / len(rows)
+                for side, scores in (("base", base), ("adapter", adapter))
+                for k, metric in enumerate(("exact_match", "contains_match"))}}
+            for name, rows in groups.items()]
 
 
 def compare(model, tokenizer, examples: list[Example], settings: EvalConfig | None = None) -> dict:
@@ -92,6 +105,8 @@ def compare(model, tokenizer, examples: list[Example], settings: EvalConfig | No
     for i, example in enumerate(asked[: settings.samples]):
         shown.append({"prompt": example.question, "expected": example.reference,
                       "base": base["answers"][i], "adapter": adapter["answers"][i]})
-    base.pop("answers", None)
-    adapter.pop("answers", None)
-    return {"examples": len(examples), "base": base, "adapter": adapter, "samples": shown}
+    groups = by_group(asked, base, adapter) if asked else []
+    for side in (base, adapter):
+        side.pop("answers", None)
+        side.pop("hits", None)
+    return {"examples": len(examples), "base": base, "adapter": adapter, "samples": shown, "groups": groups}

@@ -36,9 +36,10 @@ from lorakit.methods.lora.loraplus import create_loraplus_optimizer
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
+from lorakit.train.batching import Collator, pack
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig, flatten, load_job_config
-from lorakit.train.data import Collator, Dataset, concat, load_dataset, pack, split_eval
+from lorakit.train.data import Dataset, concat, load_dataset, split_eval
 from lorakit.train.evaluate import compare
 from lorakit.train.report import plot_losses, print_comparison, write_report
 from lorakit.train.trainer import LoraTrainer, checkpoints, prune_checkpoints
@@ -81,14 +82,11 @@ def training_arguments(config: JobConfig, has_eval: bool) -> TrainingArguments:
 
 
 def schedule_arguments(t: TrainConfig) -> dict:
-    """Run length and warm-up as this transformers takes them: max_steps or epochs (HF Trainer
-    derives the steps from the data), warm-up steps or a ratio of the steps (transformers 5
-    dropped `warmup_ratio` and reads a `warmup_steps` below 1 as the ratio; 4.x has both)."""
+    """Run length and warm-up for HF Trainer: max_steps, or epochs (Trainer derives the steps from
+    the data); warm-up steps, or a ratio of the steps (transformers 5 reads a `warmup_steps` below
+    1 as that ratio, rounded up, and dropped `warmup_ratio`: pyproject.toml requires 5)."""
     length = {"max_steps": t.max_steps} if t.epochs is None else {"max_steps": -1, "num_train_epochs": t.epochs}
-    if t.warmup_steps is not None:
-        return length | {"warmup_steps": t.warmup_steps}
-    name = "warmup_ratio" if "warmup_ratio" in TrainingArguments.__dataclass_fields__ else "warmup_steps"
-    return length | {name: t.warmup_ratio}
+    return length | {"warmup_steps": t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio}
 
 
 def checkpointing_arguments(enabled: bool) -> dict:

@@ -59,9 +59,20 @@ def samples_table(comparison: dict) -> Table:
     return table
 
 
+def groups_table(comparison: dict) -> Table:
+    table = Table(title="Contains match by group")
+    for column in ("group", "examples", "base model", "with adapter"):
+        table.add_column(column)
+    for g in comparison["groups"]:
+        table.add_row(g["group"], str(g["examples"]), f"{g['base_contains_match']:.0%}", f"{g['adapter_contains_match']:.0%}")
+    return table
+
+
 def print_comparison(comparison: dict, console: Console | None = None) -> None:
     console = console or Console()
     console.print(comparison_table(comparison))
+    if comparison.get("groups"):
+        console.print(groups_table(comparison))
     if comparison["samples"]:
         console.print(samples_table(comparison))
 
@@ -105,6 +116,11 @@ def write_report(path: Path, summary: dict) -> Path:
         lines.append(f"| {label} | {_fmt(comparison['base'][key], pattern)} | {_fmt(comparison['adapter'][key], pattern)} |")
     lines += ["", "Exact match: equal after collapsing whitespace. Contains match: the expected answer appears "
               "in the generation, ignoring case. Generations are greedy.", ""]
+    if comparison.get("groups"):
+        lines += ["| group | examples | base contains | adapter contains |", "|---|---|---|---|"]
+        lines += [f"| {_cell(g['group'])} | {g['examples']} | {g['base_contains_match']:.0%} | "
+                  f"{g['adapter_contains_match']:.0%} |" for g in comparison["groups"]]
+        lines.append("")
     if comparison["samples"]:
         lines += ["## Samples", "", "| prompt | expected | base model | with adapter |", "|---|---|---|---|"]
         lines += [f"| {_cell(s['prompt'])} | {_cell(s['expected'])} | {_cell(s['base'])} | {_cell(s['adapter'])} |"
