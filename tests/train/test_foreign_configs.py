@@ -178,3 +178,17 @@ def test_dialect_detection_leaves_our_own_configs_alone(tmp_path):
     assert detect({"base_model": "x", "train": {"max_steps": 3}}) == "lorakit"
     assert to_lorakit({"model": "m", "data": {"train": "t"}}, tmp_path / "x.yaml").config == {"model": "m",
                                                                                             "data": {"train": "t"}}
+
+
+def test_config_keys_lists_what_an_import_knows():
+    code, output = invoke("config", "keys", "axolotl")
+    assert code == 0 and "lora_target_linear" in output.split() and "micro_batch_size" in output.split()
+    code, output = invoke("config", "keys", "unsloth")
+    assert code == 2 and "dialect must be one of axolotl, llamafactory" in output
+
+
+def test_import_refuses_a_lorakit_config(tmp_path, chat_model_dir):
+    from chat_model import job_yaml
+
+    code, output = invoke("config", "import", job_yaml(tmp_path, chat_model_dir))
+    assert code == 2 and "is not an Axolotl or LLaMA-Factory config" in " ".join(output.split())

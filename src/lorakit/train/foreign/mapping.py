@@ -40,10 +40,7 @@ class Mapper:
     rows: list[Row] = field(default_factory=list)
 
     def set(self, target: str, value: Any, key: str, given: Any = None, note: str = "") -> None:
-        *sections, leaf = target.split(".")
-        node = self.config
-        for part in sections:
-            node = node.setdefault(part, {})
+        node, leaf = self._section(target)
         node[leaf] = value
         self.rows.append(Row(key, value if given is None else given, "mapped", target, note))
 
@@ -52,13 +49,18 @@ class Mapper:
 
     def default(self, target: str, value: Any, why: str) -> None:
         """One of their defaults that differs from ours, written out so the run matches theirs."""
+        node, leaf = self._section(target)
+        if leaf not in node:
+            node[leaf] = value
+            self.rows.append(Row(f"({target})", value, "default", target, why))
+
+    def _section(self, target: str) -> tuple[dict[str, Any], str]:
+        """(the mapping that holds `target`'s last key, made if missing, that key)."""
         *sections, leaf = target.split(".")
         node = self.config
         for part in sections:
             node = node.setdefault(part, {})
-        if leaf not in node:
-            node[leaf] = value
-            self.rows.append(Row(f"({target})", value, "default", target, why))
+        return node, leaf
 
     def get(self, target: str) -> Any:
         node: Any = self.config
