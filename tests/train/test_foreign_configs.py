@@ -48,8 +48,16 @@ def llamafactory_config(tmp_path: Path, model_dir: Path, **changes) -> Path:
     return path
 
 
-def table(rows: list[dict]) -> dict[str, tuple[str, str | None]]:
-    return {row["key"]: (row["status"], row["target"]) for row in rows}
+def imported(config: Path, mapped: dict[str, str], ignored: list[str]) -> tuple[dict, dict]:
+    """`lorakit config import --json`'s report and its rows by key, the table asserted key by key:
+    exactly `mapped` (their key → ours) and exactly `ignored`."""
+    code, output = invoke("config", "import", config, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    rows = {row["key"]: (row["status"], row["target"]) for row in report["rows"]}
+    assert {k: v for k, v in rows.items() if v[0] == "mapped"} == {k: ("mapped", t) for k, t in mapped.items()}
+    assert sorted(k for k, v in rows.items() if v[0] == "ignored") == sorted(ignored)
+    return report, rows
 
 
 AXOLOTL_MAPPED = {
@@ -72,13 +80,8 @@ AXOLOTL_IGNORED = ["model_type", "tokenizer_type", "load_in_8bit", "strict", "da
 
 def test_axolotl_qlora_example_maps_key_by_key_and_trains(tmp_path, wide_chat_model_dir):
     config = axolotl_config(tmp_path, wide_chat_model_dir)
-    code, output = invoke("config", "import", config, "--json")
-    assert code == 0, output
-    report = json.loads(output)
-    rows = table(report["rows"])
+    report, _ = imported(config, AXOLOTL_MAPPED, AXOLOTL_IGNORED)
     assert report["dialect"] == "axolotl"
-    assert {k: v for k, v in rows.items() if v[0] == "mapped"} == {k: ("mapped", t) for k, t in AXOLOTL_MAPPED.items()}
-    assert sorted(k for k, v in rows.items() if v[0] == "ignored") == sorted(AXOLOTL_IGNORED)
     written = yaml.safe_load(Path(report["written"]).read_text())
     assert written["quantize"] == "nf4" and written["lora"] == {"r": 32, "lora_alpha": 16, "lora_dropout": 0.05,
                                                                 "target_modules": "all-linear"}
@@ -113,12 +116,8 @@ LLAMAFACTORY_IGNORED = ["trust_remote_code", "stage", "do_train", "finetuning_ty
 
 def test_llamafactory_lora_sft_example_maps_key_by_key_and_trains(tmp_path, chat_model_dir):
     config = llamafactory_config(tmp_path, chat_model_dir)
-    code, output = invoke("config", "import", config, "--json")
-    assert code == 0, output
-    report = json.loads(output)
-    rows = table(report["rows"])
-    assert {k: v for k, v in rows.items() if v[0] == "mapped"} == {k: ("mapped", t) for k, t in LLAMAFACTORY_MAPPED.items()}
-    assert sorted(k for k, v in rows.items() if v[0] == "ignored") == sorted(LLAMAFACTORY_IGNORED)
+    report, rows = imported(config, LLAMAFACTORY_MAPPED, LLAMAFACTORY_IGNORED)
+    assert report["dialect"] == "llamafactory"
     # LLaMA-Factory's own defaults, written out where ours differ
     assert {k for k, v in rows.items() if v[0] == "default"} == {"(lora.lora_dropout)", "(lora.lora_alpha)"}
     written = yaml.safe_load(Path(report["written"]).read_text())

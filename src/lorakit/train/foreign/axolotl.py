@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.train.foreign.mapping import Mapper, ignore, optimizer, refuse_unless, to
+from lorakit.train.foreign.mapping import Mapper, eval_fraction, ignore, optimizer, refuse_unless, to
 
 HALLMARKS = ("base_model", "datasets", "micro_batch_size", "lora_r", "sequence_len")
 # Axolotl's dataset `type` as our data.format
@@ -60,15 +60,6 @@ def precision(name: str):
     return handle
 
 
-def val_set_size(mapper: Mapper, value: Any, key: str) -> None:
-    if not value:
-        mapper.ignore(key, value, "0: lorakit still holds out data.eval_fraction (0.1) for its before/after table")
-    elif 0 < float(value) < 1:
-        mapper.set("data.eval_fraction", float(value), key)
-    else:
-        raise ConfigError(f"axolotl {key}: {value!r}: give a fraction of the data set between 0 and 1.")
-
-
 def datasets(target: str):
     """`datasets: [{path, type}]` (or test_datasets) as data.train / data.eval and data.format."""
     def handle(mapper: Mapper, value: Any, key: str) -> None:
@@ -111,7 +102,7 @@ HANDLERS = {
     "peft_use_dora": to("lora.use_dora"), "peft_use_rslora": to("lora.use_rslora"),
     "datasets": datasets("data.train"), "test_datasets": datasets("data.eval"),
     "dataset_prepared_path": ignore("lorakit tokenizes in memory; nothing is cached"),
-    "val_set_size": val_set_size, "output_dir": to("output_dir"),
+    "val_set_size": eval_fraction, "output_dir": to("output_dir"),
     "sequence_len": to("data.max_seq_len"), "sample_packing": to("data.packing"),
     "pad_to_sequence_len": ignore("batches are padded to their longest row"),
     "train_on_inputs": to("data.train_on_prompt"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.train.foreign.mapping import Mapper, ignore, optimizer, refuse_unless, to
+from lorakit.train.foreign.mapping import Mapper, eval_fraction, ignore, optimizer, refuse_unless, to
 
 HALLMARKS = ("model_name_or_path", "finetuning_type", "stage")
 DISTRIBUTED = "multi-GPU training is not in lorakit yet (the distributed issue); this runs on one device"
@@ -111,15 +111,6 @@ def dataset_dir(mapper: Mapper, value: Any, key: str) -> None:
     mapper.ignore(key, value, "where dataset_info.json is read")
 
 
-def val_size(mapper: Mapper, value: Any, key: str) -> None:
-    if not value:
-        mapper.ignore(key, value, "0: lorakit still holds out data.eval_fraction (0.1) for its before/after table")
-    elif 0 < float(value) < 1:
-        mapper.set("data.eval_fraction", float(value), key)
-    else:
-        raise ConfigError(f"llamafactory {key}: {value!r}: give a fraction of the data set between 0 and 1.")
-
-
 HANDLERS = {
     "model_name_or_path": to("model"), "trust_remote_code": ignore("lorakit runs no model code from the model folder"),
     "stage": refuse_unless(lambda v: v == "sft", "lorakit trains supervised fine-tuning only (stage: sft)."),
@@ -137,7 +128,7 @@ HANDLERS = {
     "template": ignore("lorakit renders chats with the tokenizer's own chat template"),
     "cutoff_len": to("data.max_seq_len"), "packing": to("data.packing"),
     "neat_packing": to("data.packing", note="lorakit's packing keeps attention within each example"),
-    "train_on_prompt": to("data.train_on_prompt"), "val_size": val_size,
+    "train_on_prompt": to("data.train_on_prompt"), "val_size": eval_fraction,
     "max_samples": ignore("every example is used"), "overwrite_cache": ignore("nothing is cached"),
     "preprocessing_num_workers": ignore("lorakit tokenizes in one process"),
     "dataloader_num_workers": ignore("lorakit loads batches in the training process"),

@@ -109,6 +109,16 @@ def optimizer(mapper: Mapper, value: Any, key: str = "") -> None:
     mapper.set("train.optimizer", ours, key, given=value, note=note)
 
 
+def eval_fraction(mapper: Mapper, value: Any, key: str) -> None:
+    """Axolotl's val_set_size, LLaMA-Factory's val_size: the held-out share (0: none)."""
+    if not value:
+        mapper.ignore(key, value, "0: lorakit still holds out data.eval_fraction (0.1) for its before/after table")
+    elif 0 < float(value) < 1:
+        mapper.set("data.eval_fraction", float(value), key)
+    else:
+        raise ConfigError(f"{mapper.dialect} {key}: {value!r}: give a fraction of the data set between 0 and 1.")
+
+
 def apply(mapper: Mapper, raw: dict[str, Any], handlers: dict[str, Handler]) -> None:
     """Run every key of `raw` through its handler; empty values (Axolotl writes `key:` for "unset")
     are recorded and skipped; an unknown key is refused with the closest known one."""
