@@ -40,3 +40,18 @@ def test_commands_install_the_filter_and_verbose_does_not():
     assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
     assert "memory plan" in quiet.stdout and BNB_KERNELS_MESSAGE not in quiet.stderr
     assert BNB_KERNELS_MESSAGE in loud.stderr
+
+
+def test_a_qlora_job_with_checkpointing_and_bf16_prints_no_warning_we_cause(tmp_path, wide_chat_model_dir):
+    """The arguments lorakit passes to transformers (activation checkpointing, warm-up, the KV cache
+    of the fused loss) use the names the installed version takes: no FutureWarning, no raw dicts."""
+    from chat_model import job_yaml
+
+    config = job_yaml(tmp_path, wide_chat_model_dir, quantize="nf4",
+                      train={"gradient_checkpointing": True, "bf16": True, "warmup_ratio": 0.25})
+    result = subprocess.run([sys.executable, "-m", "lorakit", "train", str(config)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "deprecated" not in result.stdout + result.stderr, result.stderr
+    assert not [line for line in result.stdout.splitlines() if line.startswith("{'")]
+    assert "step 4/4  loss" in result.stdout

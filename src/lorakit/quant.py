@@ -121,9 +121,12 @@ def prepare_model_for_kbit_training(
         model.enable_input_require_grads()
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False
-    if use_gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    if use_gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # the name transformers 5.x moved to (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

@@ -11,8 +11,10 @@
 
 Why pydantic (v2, `extra="forbid"`): types, ranges, choices and defaults are written once,
 here, and the same models give `lorakit schema` (JSON Schema for editors), `--print-config`,
-the key list of `lorakit train --help` and the defaults of `lorakit eval`. The library's
-errors are rewritten into ours (`config_errors.py`: key, value, allowed range, "did you mean").
+the key list of `lorakit train --help` and the defaults of `lorakit eval`. Its errors are
+structured (location, kind, bounds), so they are rewritten into ours (`config_errors.py`: key,
+value, allowed range, "did you mean"); it is already a dependency (FastAPI's), and our CLI is
+typer's, which jsonargparse (LitGPT's choice, a CLI framework of its own) would duplicate.
 
 `lora:` takes every `LoraConfig` field; the keys given override the job's defaults one by
 one (`lora: {r: 8}` keeps α=32, dropout 0.05 and all-linear targets). `--set
