@@ -191,3 +191,23 @@ def test_import_refuses_a_lorakit_config(tmp_path, chat_model_dir):
 
     code, output = invoke("config", "import", job_yaml(tmp_path, chat_model_dir))
     assert code == 2 and "is not an Axolotl or LLaMA-Factory config" in " ".join(output.split())
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ({"file_name": "chats.json", "formatting": "sharegpt"}, "sharegpt"),
+    ({"file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
+      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}, "messages"),
+    ({"file_name": "chats.json", "formatting": "sharegpt", "columns": {"messages": "messages"}}, None),
+    ({"file_name": "chats.json", "columns": {"prompt": "question", "response": "answer"}}, None),
+    ({"file_name": "chats.json", "columns": {"history": "history"}}, None),
+])
+def test_llamafactory_dataset_info_layouts_read_as_they_are_or_refused(tmp_path, chat_model_dir, entry, expected):
+    config = llamafactory_config(tmp_path, chat_model_dir, dataset="chats")
+    info = tmp_path / "data" / "dataset_info.json"
+    info.write_text(json.dumps({"chats": entry}))
+    (tmp_path / "data" / "chats.json").write_text("[]")
+    if expected is None:
+        with pytest.raises(ConfigError, match="lorakit does not re-map"):
+            to_lorakit(yaml.safe_load(config.read_text()), config)
+    else:
+        assert to_lorakit(yaml.safe_load(config.read_text()), config).config["data"]["format"] == expected

@@ -167,6 +167,8 @@ def test_alpaca_is_instruction_and_input_then_output(tokenizer):
                                if label == IGNORE_INDEX])
     assert "Be brief." in masked and "Name the capital." in masked
     assert learned(tokenizer, with_system) == "Quendar.<|im_end|>\n"
+    with pytest.raises(DataError, match="Alpaca 'history' .* is not read"):
+        encode_record(tokenizer, {**record, "history": [["Hi", "Hello."]]}, "alpaca")
 
 
 def test_openai_chat_weight_zero_turns_get_no_loss(tokenizer):

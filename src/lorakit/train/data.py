@@ -258,6 +258,8 @@ def sharegpt_messages(record: dict) -> list[dict]:
 
 def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
     """instruction (+ "\n" + input) → output, with the optional system prompt first."""
+    if record.get("history"):
+        raise DataError("Alpaca 'history' (earlier turns) is not read; write the record as ShareGPT or messages.")
     prompt = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
     system = record.get("system")
     if system and chat_template and getattr(tokenizer, "chat_template", None):

@@ -23,6 +23,8 @@ SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human"
                  "system_tag": "system"}
 OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                "system_tag": "system"}
+# a sharegpt-formatted dataset's messages column → (the tags it must keep, our data.format)
+SHAREGPT_LAYOUTS = {"conversations": (SHAREGPT_TAGS, "sharegpt"), "messages": (OPENAI_TAGS, "messages")}
 
 
 def lora_target(mapper: Mapper, value: Any, key: str) -> None:
@@ -94,11 +96,10 @@ def _format(name: str, entry: dict) -> str:
     if formatting == "alpaca" and all(ALPACA_COLUMNS.get(k) == v for k, v in columns.items()):
         return "alpaca"
     if formatting == "sharegpt" and set(columns) <= {"messages", "system"}:
-        column = columns.get("messages", "conversations")
-        for spelled, kind in ((SHAREGPT_TAGS, "sharegpt"), (OPENAI_TAGS, "messages")):
-            if column == {"sharegpt": "conversations", "messages": "messages"}[kind] and \
-                    all(spelled.get(k) == v for k, v in tags.items()) and (kind == "sharegpt" or tags):
-                return kind
+        spelled, kind = SHAREGPT_LAYOUTS.get(columns.get("messages", "conversations"), ({}, None))
+        # unset tags are LLaMA-Factory's ShareGPT ones: a "messages" column must name OpenAI's in its tags
+        if kind and all(spelled.get(k) == v for k, v in tags.items()) and (kind == "sharegpt" or tags):
+            return kind
     raise ConfigError(f"dataset_info.json: {name!r} maps columns or tags ({columns or ''} {tags or ''}) lorakit does "
                       "not re-map; rename the file's columns to Alpaca's (instruction, input, output, system) or "
                       "ShareGPT's (conversations: from / value).")
