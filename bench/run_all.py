@@ -29,6 +29,7 @@ BENCHMARKS = [
     ("serve_http.py", ["--peer", "transformers"]),
     ("qlora_step.py", []),
     ("dora_step.py", []),
+    ("ddp_scaling.py", []),
     ("demo_quality.py", []),
     ("demo_quality.py", ["--variants", "--steps", "4", "10"]),
 ]

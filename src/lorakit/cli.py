@@ -219,6 +219,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint in output_dir."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous run in output_dir."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as YAML; train nothing."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (launches torchrun: DDP, gloo on "
+                                                        "CPU, nccl on GPU)."),
 ) -> None:
     """Train a LoRA adapter from a YAML config: checkpoints, progress, loss plot and a before/after report."""
     from lorakit.train.config import load_job_config
@@ -227,6 +229,11 @@ def train(
     if print_config:
         typer.echo(job.to_yaml(), nl=False)
         return
+    if nproc > 1:
+        from lorakit.train.launch import torchrun
+
+        raise typer.Exit(torchrun(nproc, ["train", str(config), *(f"--set={s}" for s in set_),
+                                          *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]))
     from lorakit.train.job import run_train
 
     try:

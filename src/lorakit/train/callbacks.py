@@ -97,7 +97,8 @@ class RichProgress(TrainerCallback):
 
 
 class MetricsFile(TrainerCallback):
-    """Appends every log (train loss, lr, eval loss, …) to metrics.jsonl with step and tokens/s.
+    """Appends every log (train loss, lr, eval loss, …) to metrics.jsonl with step and tokens/s
+    (the main rank only, in a multi-process run).
 
     On resume, lines written after the checkpoint by the interrupted run are dropped first,
     so the file describes the run that produced the final adapter.
@@ -109,13 +110,13 @@ class MetricsFile(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.throughput.start(state)
-        if self.path.is_file():
+        if state.is_world_process_zero and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs:
+        if not logs or not state.is_world_process_zero:  # every rank logs the same (gathered) numbers
             return
         record = {"step": state.global_step, **logs}
         if "loss" in logs:

@@ -92,6 +92,10 @@ class TrainConfig(Section):
     torch_compile: bool = Field(False, description="Compile the decoder layers; the first step includes compiling.")
     bf16: bool = Field(False, description="bf16 autocast (weights and adapters stay fp32), as GPU users train.")
     fp16: bool = Field(False, description="fp16 autocast with loss scaling; needs a CUDA GPU.")
+    fsdp: bool = Field(False, description="Shard the frozen base with FSDP (HF Trainer's fsdp; CUDA GPUs, under "
+                                          "torchrun / --nproc).")
+    fsdp_config: dict[str, Any] | None = Field(None, description="HF Trainer's fsdp_config (use_orig_params is set).")
+    deepspeed: str | None = Field(None, description="A DeepSpeed JSON config for HF Trainer (needs deepspeed, CUDA).")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> TrainConfig:
@@ -257,11 +261,33 @@ def check_job(config: JobConfig) -> None:
     if not config.data.train:
         raise DataError("data.train is required: the path of a JSONL, JSON or CSV file of training examples.")
     check_precision(config.train.bf16, config.train.fp16)
+    check_sharding(config.train)
     lora = config.lora_config()  # LoraConfig's own checks, with "lora:" in front
     if lora.use_dora and str(lora.init_lora_weights).startswith("pissa_niter_"):
         raise ConfigError("lora: use_dora with init_lora_weights=pissa_niter_K cannot be saved faithfully: a DoRA adapter "
                           "cannot be converted to plain LoRA, and its residual base comes from a randomized SVD that "
                           "differs on every load. Use init_lora_weights: pissa (exact SVD) with DoRA.")
+
+
+def check_sharding(train: TrainConfig) -> None:
+    """FSDP and DeepSpeed where HF Trainer runs them, or a refusal that says why: on a CPU,
+    accelerate turns FSDP off and trains plain DDP without a word (measured), which is not what
+    was asked for."""
+    import importlib.util
+
+    import torch
+
+    if train.fsdp and train.deepspeed:
+        raise ConfigError("train.fsdp and train.deepspeed are both set; choose one sharding engine.")
+    if train.fsdp and not torch.cuda.is_available():
+        raise ConfigError("train.fsdp needs CUDA GPUs: HF Trainer (accelerate) enables FSDP on GPUs only, and on this "
+                          "CPU would train unsharded DDP instead. Drop train.fsdp: `--nproc N` trains with DDP here.")
+    if train.deepspeed:
+        if importlib.util.find_spec("deepspeed") is None or not torch.cuda.is_available():
+            raise ConfigError("train.deepspeed needs the deepspeed package and CUDA GPUs (pip install deepspeed on the "
+                              "GPU machine); on this machine use `--nproc N` (DDP).")
+        if not Path(train.deepspeed).is_file():
+            raise ConfigError(f"train.deepspeed: {train.deepspeed!r} is not a file (a DeepSpeed JSON config).")
 
 
 def check_precision(bf16: bool, fp16: bool) -> None:

@@ -42,7 +42,8 @@ from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig,
 from lorakit.train.data import Dataset, concat, load_dataset, split_eval
 from lorakit.train.evaluate import compare
 from lorakit.train.report import plot_losses, print_comparison, write_report
-from lorakit.train.trainer import LoraTrainer, checkpoints, prune_checkpoints
+from lorakit.train.ranks import Ranks, current_ranks
+from lorakit.train.trainer import LoraTrainer, checkpoints
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png", "summary.json", "adapter", "adapter_init")
 DEMO_MARK = "lorakit-demo.json"  # written by `lorakit demo` (and kept by it): only such a run may be replaced by a demo
@@ -76,8 +77,9 @@ def training_arguments(config: JobConfig, has_eval: bool) -> TrainingArguments:
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
         **checkpointing_arguments(t.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to=[],
+        ddp_find_unused_parameters=False,  # every adapter parameter is used in every forward
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        save_only_model=False, bf16=t.bf16, fp16=t.fp16,
+        save_only_model=False, bf16=t.bf16, fp16=t.fp16, **sharding_arguments(t),
     )
 
 
@@ -89,6 +91,17 @@ def schedule_arguments(t: TrainConfig) -> dict:
     return length | {"warmup_steps": t.warmup_steps if t.warmup_steps is not None else t.warmup_ratio}
 
 
+def sharding_arguments(t: TrainConfig) -> dict:
+    """FSDP / DeepSpeed for HF Trainer. FSDP wraps with use_orig_params, so the frozen base is
+    sharded while the adapter parameters keep requires_grad (a flat parameter mixing frozen and
+    trainable ones needs it)."""
+    if t.deepspeed:
+        return {"deepspeed": t.deepspeed}
+    if t.fsdp:
+        return {"fsdp": True, "fsdp_config": {"use_orig_params": True, **(t.fsdp_config or {})}}
+    return {}
+
+
 def checkpointing_arguments(enabled: bool) -> dict:
     """Activation checkpointing under the name this transformers takes (5.x renamed it and warns
     on the old one), non-reentrant (the reentrant variant drops gradients of frozen-input blocks)."""
@@ -97,8 +110,22 @@ def checkpointing_arguments(enabled: bool) -> dict:
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
-def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
-    """(the checkpoint to resume from or None, a note for the user); never silently mixes or loses runs."""
+def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool,
+                       ranks: Ranks = Ranks()) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from or None, a note for the user); never silently mixes or loses runs.
+    Every rank checks (the same verdict everywhere); the main rank alone deletes, between barriers."""
+    checkpoint, note, doomed = _plan_output_dir(config, resume, overwrite)
+    ranks.barrier()  # every rank has looked before anything is deleted
+    if ranks.is_main:
+        for target in doomed:
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    ranks.barrier()
+    return checkpoint, note
+
+
+def _plan_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tuple[Path | None, str | None, list[Path]]:
+    """(checkpoint, note, what to delete first): folders a killed save left incomplete when
+    resuming; the previous run with --overwrite."""
     if resume and overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite deletes it; pass one of them.")
     out = Path(config.output_dir)
@@ -112,18 +139,15 @@ def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool) -> tupl
                               f"train.save_steps={config.train.save_steps}), so there is nothing to resume; start it "
                               "again with --overwrite.")
         note = _check_resumable(config, out, complete[-1])
-        prune_checkpoints(out, keep=len(complete))  # removes folders a killed save left incomplete
-        return complete[-1], note
+        return complete[-1], note, checkpoints(out)[1]
     if previous:
         if not overwrite:
             hint = "pass --resume to continue it, --overwrite to replace it" if complete else \
                 "it has no checkpoint to resume from; pass --overwrite to replace it"
             raise ConfigError(f"{out} holds a previous run ({', '.join(previous[:4])}); {hint}, or set another "
                               "output_dir (e.g. --set output_dir=runs/new).")
-        for name in previous + [p.name for p in checkpoints(out)[1]]:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    return None, None
+        return None, None, [out / name for name in previous + [p.name for p in checkpoints(out)[1]]]
+    return None, None, []
 
 
 def _check_resumable(config: JobConfig, out: Path, checkpoint: Path) -> str | None:
@@ -216,9 +240,10 @@ def build_optimizer(config: JobConfig, model) -> torch.optim.Optimizer:
 
 
 def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
-    console = console or Console()
+    ranks = current_ranks()  # under torchrun / accelerate launch: the main rank prints, writes and evaluates
+    console = (console or Console()) if ranks.is_main else Console(quiet=True)
     out = Path(config.output_dir)
-    checkpoint, note = prepare_output_dir(config, resume, overwrite)
+    checkpoint, note = prepare_output_dir(config, resume, overwrite, ranks)
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
     tokenizer = load_tokenizer(config.model)
@@ -231,10 +256,11 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         model = build_model(config)
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", config.to_yaml())
-    if converts_on_save(config) and not checkpoint:
-        model.save_pretrained(out / "adapter_init")  # the PiSSA/OLoRA start, for the conversion at the end
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", config.to_yaml())
+        if converts_on_save(config) and not checkpoint:
+            model.save_pretrained(out / "adapter_init")  # the PiSSA/OLoRA start, for the conversion at the end
 
     args = training_arguments(config, has_eval=len(evaluation) > 0)
     optimizer = build_optimizer(config, model)
@@ -256,6 +282,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         raise TrainingInterrupted(out, trainer.state.global_step, trainer.state.max_steps,
                                   complete[-1] if complete else None, config.train.save_steps) from None
     seconds = time.perf_counter() - started
+    if not ranks.is_main:
+        return {"rank": ranks.rank, "world_size": ranks.world_size}  # rank 0 saves, evaluates and reports
     save_adapter(model, config, out)
 
     started_eval = time.perf_counter()
@@ -273,9 +301,11 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
                  "packed_rows": len(train.rows) if train.rows else None,
                  "train": vars(train.stats), "eval": vars(evaluation.stats)},
         "run": {"trainable": trainable, "total": total, "steps": trainer.state.global_step,
+                "world_size": ranks.world_size, "per_device_batch": config.train.batch_size,
+                "global_batch": config.train.batch_size * config.train.grad_accum * ranks.world_size,
                 "resumed_from": _step_of(checkpoint), "seconds": seconds,
                 "eval_seconds": time.perf_counter() - started_eval,
-                "tokens_per_second": progress.throughput.rate(trainer.state),
+                "tokens_per_second": progress.throughput.rate(trainer.state),  # Trainer sums the ranks' tokens
                 "peak_memory_mb": memory, "memory_kind": memory_kind, "torch_compile": config.train.torch_compile,
                 **timer.summary(),
                 "final_train_loss": _last(metrics, "loss"), "final_eval_loss": _last(metrics, "eval_loss")},

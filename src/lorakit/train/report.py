@@ -102,7 +102,9 @@ def write_report(path: Path, summary: dict) -> Path:
               f"- trainable parameters: {run['trainable']:,} of {run['total']:,} ({100 * run['trainable'] / run['total']:.3f}%)",
               f"- steps: {run['steps']} (resumed from step {run['resumed_from']})" if run["resumed_from"] else f"- steps: {run['steps']}",
               f"- time: {run['seconds']:.0f} s training, {run['eval_seconds']:.0f} s before/after evaluation",
-              f"- tokens/s: {run['tokens_per_second']:,.0f} (non-padding tokens, this session)",
+              f"- processes: {run.get('world_size', 1)}; batch {run.get('per_device_batch', '-')} per device, "
+              f"{run.get('global_batch', '-')} per optimizer step (all processes, with gradient accumulation)",
+              f"- tokens/s: {run['tokens_per_second']:,.0f} (non-padding tokens, this session, all processes)",
               f"- step time: first {_fmt(run['first_step_seconds'], '{:.2f}')} s"
               + (" (includes torch.compile)" if run["torch_compile"] else "")
               + f", median of the rest {_fmt(run['median_step_seconds'], '{:.2f}')} s",
