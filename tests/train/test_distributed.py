@@ -155,3 +155,12 @@ def test_fsdp_and_deepspeed_are_refused_on_a_cpu_with_the_reason(job, override, 
 
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
         load_job_config(job, [override])
+
+
+def test_nproc_inside_a_launcher_is_refused(monkeypatch):
+    from lorakit.errors import ConfigError
+    from lorakit.train.launch import torchrun
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="the launcher already started the processes"):
+        torchrun(2, ["train", "job.yaml"])

@@ -41,8 +41,8 @@ from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_m
 from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig, flatten, load_job_config
 from lorakit.train.data import Dataset, concat, load_dataset, split_eval
 from lorakit.train.evaluate import compare
+from lorakit.train.ranks import SINGLE_PROCESS, Ranks, current_ranks
 from lorakit.train.report import plot_losses, print_comparison, write_report
-from lorakit.train.ranks import Ranks, current_ranks
 from lorakit.train.trainer import LoraTrainer, checkpoints
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "report.md", "loss.png", "summary.json", "adapter", "adapter_init")
@@ -111,7 +111,7 @@ def checkpointing_arguments(enabled: bool) -> dict:
 
 
 def prepare_output_dir(config: JobConfig, resume: bool, overwrite: bool,
-                       ranks: Ranks = Ranks()) -> tuple[Path | None, str | None]:
+                       ranks: Ranks = SINGLE_PROCESS) -> tuple[Path | None, str | None]:
     """(the checkpoint to resume from or None, a note for the user); never silently mixes or loses runs.
     Every rank checks (the same verdict everywhere); the main rank alone deletes, between barriers."""
     checkpoint, note, doomed = _plan_output_dir(config, resume, overwrite)

@@ -29,6 +29,9 @@ class Ranks:
             torch.distributed.barrier()
 
 
+SINGLE_PROCESS = Ranks()
+
+
 def current_ranks() -> Ranks:
     """This process's place, from the launcher's environment (RANK, WORLD_SIZE, ...); the process
     group is set up by accelerate's PartialState, the same one HF Trainer then uses."""
