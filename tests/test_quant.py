@@ -254,3 +254,17 @@ def test_merge_into_an_existing_model_folder_needs_overwrite(base_dir, tmp_path)
     expected = lorakit.PeftModel.from_pretrained(load_base(str(base_dir)), tmp_path / "adapter").merge_and_unload()
     merged = load_base(str(out)).state_dict()
     assert all(torch.equal(merged[k], v) for k, v in expected.state_dict().items())
+
+
+def test_bf16_quant_storage_for_fsdp_holds_the_same_4bit_model(base_dir):
+    """QLoRA + FSDP stores the packed 4-bit values as bf16 (FSDP flattens them with the layer's float
+    parameters); the values and the outputs are the same as with bitsandbytes' uint8 storage."""
+    packed = load_base(str(base_dir), quantize="nf4")
+    as_bf16 = load_base(str(base_dir), quantize="nf4", quant_storage=torch.bfloat16)
+    weight = as_bf16.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.bfloat16 and quant_kind(weight) == "4bit"
+    assert torch.equal(weight.view(torch.uint8).flatten(),  # the same packed bytes
+                       packed.model.layers[0].self_attn.q_proj.weight.view(torch.uint8).flatten())
+    inputs = inputs_for(packed)
+    packed.train(), as_bf16.train()
+    torch.testing.assert_close(output_of(as_bf16, inputs), output_of(packed, inputs), atol=0, rtol=0)

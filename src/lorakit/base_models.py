@@ -88,11 +88,12 @@ def _hub_cache_snapshot(name: str) -> Path | None:
 
 def load_base(
     name_or_path: str = DEFAULT_MODEL, quantize: str | None = None, double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32, dtype: torch.dtype | None = None, quant_storage: torch.dtype = torch.uint8,
 ):
     """The base model, in full precision or quantized by bitsandbytes on load.
 
-    quantize: None | "nf4" | "fp4" (4-bit, with `double_quant` and `compute_dtype`) | "int8".
+    quantize: None | "nf4" | "fp4" (4-bit, with `double_quant`, `compute_dtype` and `quant_storage`,
+    see `quant.bnb_config`) | "int8".
     A model loaded by the user with transformers' BitsAndBytesConfig works just the same.
     """
     from transformers import AutoModelForCausalLM
@@ -100,7 +101,7 @@ def load_base(
     path = resolve_model_path(name_or_path)
     kwargs: dict = {"dtype": dtype} if dtype is not None else {}
     if quantize is not None:
-        kwargs |= {"quantization_config": bnb_config(quantize, double_quant, compute_dtype),
+        kwargs |= {"quantization_config": bnb_config(quantize, double_quant, compute_dtype, quant_storage),
                    "device_map": "auto" if torch.cuda.is_available() else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantize is not None:

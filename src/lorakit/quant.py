@@ -86,8 +86,11 @@ def requantize_like(old: torch.Tensor, values: torch.Tensor) -> nn.Parameter:
     return new.to(old.device)  # bitsandbytes quantizes when the parameter is moved to its device
 
 
-def bnb_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32):
-    """transformers' BitsAndBytesConfig for "nf4" | "fp4" | "int8"."""
+def bnb_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dtype = torch.float32,
+               quant_storage: torch.dtype = torch.uint8):
+    """transformers' BitsAndBytesConfig for "nf4" | "fp4" | "int8". `quant_storage`: the dtype the
+    packed 4-bit values are stored in; FSDP flattens a layer's parameters into one tensor, so for
+    QLoRA + FSDP it must be the model's float dtype (bf16), not bitsandbytes' default uint8."""
     from transformers import BitsAndBytesConfig
 
     if quantize not in QUANTIZE_CHOICES:
@@ -95,7 +98,7 @@ def bnb_config(quantize: str, double_quant: bool = True, compute_dtype: torch.dt
     if quantize == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=quant_storage)
 
 
 def is_quantized(model: nn.Module) -> bool:

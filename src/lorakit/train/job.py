@@ -205,7 +205,9 @@ def peak_memory() -> tuple[float, str]:
 
 
 def build_model(config: JobConfig) -> PeftModel:
-    base = load_base(config.model, quantize=config.quantize)
+    # QLoRA + FSDP: the 4-bit values stored as bf16, so FSDP can flatten them with the layer's other parameters
+    storage = torch.bfloat16 if config.train.fsdp and config.quantize in ("nf4", "fp4") else torch.uint8
+    base = load_base(config.model, quantize=config.quantize, quant_storage=storage)
     base.config.use_cache = False  # a training forward would fill a KV cache nobody reads (generate turns it on)
     if config.quantize:
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.train.gradient_checkpointing)
