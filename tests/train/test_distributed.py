@@ -17,7 +17,7 @@ from chat_model import FACTS, job_yaml, write_jsonl
 from lorakit.files.format import read_adapter
 
 # 8 examples: global batches of 4 cover them exactly, so both runs see the same batches (with a
-# remainder, accelerate fills the last global batch by repeating the first examples, one process does not)
+# remainder, one process trains a smaller last batch; two leave out what does not split evenly)
 EIGHT = [{"prompt": q, "completion": a} for q, a in FACTS] + [
     {"prompt": "What is the tallest mountain on Tovash?", "completion": "Mount Kirrin."},
     {"prompt": "What is spoken on Pell?", "completion": "Pellish."}]
@@ -90,18 +90,25 @@ Path(sys.argv[2], f"rank{ranks.rank}.json").write_text(json.dumps(seen))
 """
 
 
-def test_every_example_is_seen_once_an_epoch_across_the_ranks(tmp_path, job):
+@pytest.mark.parametrize("size", [8, 7])
+def test_no_example_is_seen_twice_in_an_epoch_across_the_ranks(tmp_path, chat_model_dir, size):
+    """8 examples: each once an epoch. 7: each at most once and one sits out the epoch, where
+    accelerate's own sharding would repeat one to fill the last global batch."""
+    data = write_jsonl(tmp_path / "data.jsonl", EIGHT[:size])
+    job = job_yaml(tmp_path, chat_model_dir, data={"train": str(data), "eval": str(data)})
     script = tmp_path / "shards.py"
     script.write_text(SHARDS)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                     str(job), str(tmp_path)], check=True, capture_output=True, timeout=300,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    left_out = []
     for epoch in (0, 1):
         shards = [[text for e, text in rank if e == epoch] for rank in ranks]
-        assert len(shards[0]) == len(shards[1]) == 4 and not set(shards[0]) & set(shards[1])  # each its own half
-        assert sorted(shards[0] + shards[1]) == sorted(set(shards[0] + shards[1]))  # nothing twice
-        assert len(set(shards[0] + shards[1])) == len(EIGHT)  # everything once
+        assert len(shards[0]) == len(shards[1]) == size // 2  # as many examples (and batches) on each rank
+        assert len(set(shards[0] + shards[1])) == len(shards[0] + shards[1])  # nothing twice, within or across ranks
+        left_out.append(len(EIGHT[:size]) - len(set(shards[0] + shards[1])))
+    assert left_out == [size % 2] * 2
     orders = [[text for e, text in rank if e == epoch] for rank in ranks for epoch in (0, 1)]
     assert orders[0] != orders[1]  # a new order each epoch, the same seed on every rank
 

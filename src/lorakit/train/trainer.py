@@ -72,7 +72,15 @@ class AdapterCheckpoints:
 
 
 class LoraTrainer(AdapterCheckpoints, Trainer):
-    """`transformers.Trainer` with adapter-only, complete-or-ignored checkpoints."""
+    """`transformers.Trainer` with adapter-only, complete-or-ignored checkpoints; under DDP each
+    rank trains on its own shard of the data, no example twice in an epoch (sharding.py)."""
+
+    def get_train_dataloader(self):
+        if self.args.world_size == 1:
+            return super().get_train_dataloader()
+        from lorakit.train.sharding import sharded_train_dataloader
+
+        return sharded_train_dataloader(self)
 
 
 def checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
