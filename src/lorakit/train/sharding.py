@@ -50,3 +50,28 @@ def sharded_train_dataloader(trainer) -> DataLoader:
                         collate_fn=trainer.data_collator, num_workers=args.dataloader_num_workers,
                         drop_last=args.dataloader_drop_last)
     return prepare_data_loader(loader, trainer.accelerator.device, num_processes=1, process_index=0, put_on_device=True)
+
+
+@torch.no_grad()
+def main_rank_eval_loss(trainer) -> float:
+    """The eval loss HF Trainer reports on one process — the mean over examples of their batch's
+    loss, batches of `per_device_eval_batch_size` in order — computed by the main rank alone on
+    the unwrapped model. Under DDP, Trainer's own evaluation repeats examples to even out the
+    ranks' last batches and its loss then drifts from the one-process value (seen: 5.85 vs 6.04
+    on 7 eval examples and 2 ranks); the other ranks meanwhile wait at the next step's all-reduce."""
+    model, size = trainer.model, trainer.args.per_device_eval_batch_size
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(trainer.eval_dataset), size):
+            rows = [trainer.eval_dataset[i] for i in range(start, min(start + size, len(trainer.eval_dataset)))]
+            batch = {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in trainer.data_collator(rows).items()}
+            with trainer.autocast_smart_context_manager():
+                loss = model(**batch).loss
+            total += loss.item() * len(rows)
+            count += len(rows)
+    finally:
+        model.train(was_training)
+    return total / count

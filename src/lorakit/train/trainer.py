@@ -82,6 +82,18 @@ class LoraTrainer(AdapterCheckpoints, Trainer):
 
         return sharded_train_dataloader(self)
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Under DDP the main rank computes the one-process eval loss alone (sharding.py says why)."""
+        if self.args.world_size == 1 or eval_dataset is not None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from lorakit.train.sharding import main_rank_eval_loss
+
+        metrics = {f"{metric_key_prefix}_loss": main_rank_eval_loss(self)} if self.args.process_index == 0 else {}
+        if metrics:
+            self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
 
 def checkpoints(run_dir: Path) -> tuple[list[Path], list[Path]]:
     """(complete, incomplete) checkpoint folders of a run, each sorted by step."""
