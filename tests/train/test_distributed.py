@@ -142,8 +142,8 @@ def test_a_killed_rank_resumes_from_the_last_complete_checkpoint_to_the_same_ada
     crashed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               str(script), "train", str(job), *six, "--set", f"output_dir={killed}"],
                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert crashed.returncode != 0 and not (killed / "adapter").exists()
-    assert (killed / "checkpoint-2" / "lorakit-checkpoint.json").is_file()
+    assert crashed.returncode != 0 and not (killed / "adapter").exists(), crashed.stdout[-2000:] + crashed.stderr[-3000:]
+    assert (killed / "checkpoint-2" / "lorakit-checkpoint.json").is_file(), sorted(p.name for p in killed.iterdir())
 
     lorakit("train", job, *six, "--set", f"output_dir={killed}", "--resume", "--nproc", "2")
     whole, resumed = (read_adapter(tmp_path / d / "adapter").tensors for d in ("whole", "killed"))
