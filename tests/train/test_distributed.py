@@ -175,3 +175,45 @@ def test_nproc_inside_a_launcher_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="the launcher already started the processes"):
         torchrun(2, ["train", "job.yaml"])
+
+
+ACCELERATE_MULTI_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_CPU
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: "no"
+use_cpu: true
+main_training_function: main
+rdzv_backend: static
+same_network: true
+"""
+
+
+def test_accelerate_launch_on_cpu_trains_the_same_adapter_as_torchrun(tmp_path, job):
+    """accelerate's multi-CPU launch goes through mpirun (without one, `accelerate launch
+    --num_processes 2` on a CPU starts a single process): Open MPI here, as .ci/run installs it."""
+    import shutil
+
+    if shutil.which("mpirun") is None:
+        reason = "mpirun is not installed (Debian: apt-get install openmpi-bin; .ci/run does this)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the accelerate launch test, but {reason}.")
+        pytest.skip(reason)
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    (tmp_path / "accelerate.yaml").write_text(ACCELERATE_MULTI_CPU)
+    two = ["--set", "train.batch_size=2"]
+    lorakit("train", job, *two, "--set", f"output_dir={tmp_path / 'torchrun'}", "--nproc", "2")
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "accelerate.yaml"),
+         "--num_processes", "2", "--mpirun_hostfile", str(tmp_path / "hostfile"), "-m", "lorakit", "train", str(job),
+         *two, "--set", f"output_dir={tmp_path / 'accelerate'}"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    summary = json.loads((tmp_path / "accelerate" / "summary.json").read_text())["run"]
+    assert summary["world_size"] == 2 and summary["global_batch"] == 4
+    ours, theirs = (read_adapter(tmp_path / d / "adapter").tensors for d in ("torchrun", "accelerate"))
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], atol=1e-6, rtol=0)
+    assert [s for s, _ in losses(tmp_path / "accelerate")] == [1, 2, 3, 4]
