@@ -96,6 +96,9 @@ def convert(
     typer.echo(f"wrote {written}")
 
 
+RECIPES = ("12-byte (no master copy)", "16-byte (fp32 master copy)")  # `lorakit plan --method full`, by --master-copy
+
+
 def _default(section, key: str):
     """A config key's default, from the schema (the CLI restates none by hand)."""
     return section.model_fields[key].get_default(call_default_factory=True)
@@ -180,9 +183,9 @@ def plan(
         if assumed:
             result.notes.insert(0, assumed)
         if method == "full":  # the seed's two recipes side by side: 12 bytes a parameter, or 16 with a master copy
-            other = planner.plan(shape, method, r, batch, seq, grad_ckpt, not master_copy, size, runtime_gb=runtime_gb)
-            result.recipes = {"12-byte (no master copy)": (other if master_copy else result).total_gb,
-                              "16-byte (fp32 master copy)": (result if master_copy else other).total_gb}
+            totals = [planner.plan(shape, method, r, batch, seq, grad_ckpt, copy, size, runtime_gb=runtime_gb).total_gb
+                      for copy in (False, True)]
+            result.recipes = dict(zip(RECIPES, totals, strict=True))
         if tenants:
             if adapter_mb is None:
                 raise LorakitError("--tenants needs --adapter-mb.")
@@ -203,7 +206,7 @@ def plan(
     console = Console()
     console.print(table)
     for recipe, total in (result.recipes or {}).items():
-        console.print(f"{recipe}: {total:,.2f} GB" + ("  ← this plan" if abs(total - result.total_gb) < 1e-9 else ""))
+        console.print(f"{recipe}: {total:,.2f} GB" + ("  ← this plan" if recipe == RECIPES[master_copy] else ""))
     if result.tenants:
         t = result.tenants
         console.print(f"{t['tenants']} tenants: {t['merged_gb']:,.2f} GB as merged copies vs "
