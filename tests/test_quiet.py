@@ -55,3 +55,13 @@ def test_a_qlora_job_with_checkpointing_and_bf16_prints_no_warning_we_cause(tmp_
     assert "Warning" not in result.stderr and "deprecated" not in result.stdout + result.stderr, result.stderr
     assert not [line for line in result.stdout.splitlines() if line.startswith("{'")]
     assert "step 4/4  loss" in result.stdout
+
+
+def test_verbose_keeps_the_trainers_own_log_lines(tmp_path, chat_model_dir):
+    from chat_model import job_yaml
+
+    config = job_yaml(tmp_path, chat_model_dir)
+    result = subprocess.run([sys.executable, "-m", "lorakit", "--verbose", "train", str(config)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("{'loss'")]

@@ -9,7 +9,7 @@ warns still shows. `lorakit --verbose` installs none of them.
   the one our 4-bit path is tested on; the line reads like a failure and is not one.
 - transformers' "Loading weights" bar: our own status line says what is loading.
 - HF Trainer's PrinterCallback (the raw `{'loss': ...}` dicts) is removed where the trainer
-  is built (`lorakit.train.job`): our progress display shows the same numbers once.
+  is built (`lorakit.train.job`), unless --verbose: our progress display shows the same numbers.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ class DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
+_verbose = False
+
+
+def is_verbose() -> bool:
+    """`lorakit --verbose`: the job then keeps HF Trainer's own log lines too."""
+    return _verbose
+
+
 def quiet_third_party(verbose: bool = False) -> None:
     """Install the filters above (once; before bitsandbytes is imported, as the commands do)."""
+    global _verbose
+    _verbose = verbose
     if verbose:
         import transformers
 

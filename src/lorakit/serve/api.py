@@ -69,6 +69,13 @@ class ServerState:
         raise ApiError(404, f"The model `{model}` does not exist. Served: {self.base_name} (the base model) and the "
                             "adapters listed by GET /v1/models.", param="model", code="model_not_found")
 
+    async def resolve_off_loop(self, model: str) -> str | None:
+        """`resolve`, with a first-use registry lookup (a database query and a blob re-hash for a
+        pinned NAME@N) run in a worker thread, so the event loop keeps streaming other requests."""
+        if self.sync is None or model in self.base_names or model in self.engine.adapters.entries:
+            return self.resolve(model)
+        return await asyncio.to_thread(self.resolve, model)
+
     def tokenizer_for(self, adapter: str | None):
         """The adapter's own tokenizer (chat template) if its folder has one, else the base's."""
         path = self.engine.adapters.path_of(adapter) if adapter else None
@@ -192,7 +199,7 @@ def inference_router(state: ServerState) -> APIRouter:
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
         request.state.label = body.model
         body.refuse_unsupported()
-        adapter = state.resolve(body.model)
+        adapter = await state.resolve_off_loop(body.model)
         tokenizer = state.tokenizer_for(adapter)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "This model has no chat template; use /v1/completions.", param="messages")
@@ -207,7 +214,7 @@ def inference_router(state: ServerState) -> APIRouter:
     async def completions(body: oa.CompletionRequest, request: Request) -> Response:
         request.state.label = body.model
         body.refuse_unsupported()
-        adapter = state.resolve(body.model)
+        adapter = await state.resolve_off_loop(body.model)
         prompt = body.prompt_input()
         if isinstance(prompt, str):
             tokenizer = state.tokenizer_for(adapter)

@@ -36,6 +36,7 @@ from lorakit.methods.lora.loraplus import create_loraplus_optimizer
 from lorakit.model import PeftModel, get_peft_model
 from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
+from lorakit.quiet import is_verbose
 from lorakit.train.batching import Collator, pack
 from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig, flatten, load_job_config
@@ -274,7 +275,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
         callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
     )
-    trainer.remove_callback(PrinterCallback)  # its raw {'loss': ...} dicts repeat what the progress display shows
+    if not is_verbose():
+        trainer.remove_callback(PrinterCallback)  # its raw {'loss': ...} dicts repeat what the progress display shows
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
