@@ -30,15 +30,13 @@ M = typing.TypeVar("M", bound=BaseModel)
 
 
 def validated(model: type[M], raw: Any) -> M:
-    """`model` built from `raw`, or a ConfigError (our own errors raised in validators pass through)."""
+    """`model` built from `raw`, or a ConfigError; our own errors raised in validators keep their message."""
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of keys, got {raw!r:.80}.")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError("; ".join(dict.fromkeys(_message(model, e) for e in exc.errors()))) from None
-    except LorakitError:
-        raise
 
 
 def reject_bools_for_numbers(cls, value: Any, info) -> Any:
