@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lorakit.errors import DataError
+
 
 class RankShard(Sampler[int]):
     def __init__(self, size: int, rank: int, world_size: int, seed: int):
@@ -42,7 +44,7 @@ def sharded_train_dataloader(trainer) -> DataLoader:
 
     args = trainer.args
     if len(trainer.train_dataset) < args.world_size:
-        raise ValueError(f"{len(trainer.train_dataset)} training examples for {args.world_size} processes: every "
+        raise DataError(f"{len(trainer.train_dataset)} training examples for {args.world_size} processes: every "
                          "process needs at least one; use fewer processes or more data.")
     sampler = RankShard(len(trainer.train_dataset), args.process_index, args.world_size,
                         args.data_seed if args.data_seed is not None else args.seed)

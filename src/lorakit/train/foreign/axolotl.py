@@ -12,17 +12,22 @@ from typing import Any
 import torch
 
 from lorakit.errors import ConfigError
-from lorakit.train.foreign.mapping import Mapper, eval_fraction, ignore, optimizer, refuse_unless, to
+from lorakit.train.foreign.mapping import (
+    DISTRIBUTED,
+    Mapper,
+    eval_fraction,
+    ignore,
+    optimizer,
+    refuse_unless,
+    to,
+)
 
 HALLMARKS = ("base_model", "datasets", "micro_batch_size", "lora_r", "sequence_len")
 # Axolotl's dataset `type` as our data.format
 DATASET_TYPES = {"alpaca": "alpaca", "sharegpt": "sharegpt", "chat_template": "messages", "completion": "text"}
-SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant_with_warmup",
-              "cosine_with_restarts": "cosine_with_restarts", "polynomial": "polynomial"}
 
 TRACKING = "experiment trackers are not wired in; metrics.jsonl, loss.png and report.md hold the run"
 KERNELS = "attention kernels: transformers picks SDPA (or flash attention when installed) itself"
-DISTRIBUTED = "multi-GPU training is not in lorakit yet (the distributed issue); this runs on one device"
 
 
 def adapter(mapper: Mapper, value: Any, key: str) -> None:
@@ -108,7 +113,7 @@ HANDLERS = {
     "train_on_inputs": to("data.train_on_prompt"),
     "micro_batch_size": to("train.batch_size"), "gradient_accumulation_steps": to("train.grad_accum"),
     "eval_batch_size": to("eval.batch_size"), "num_epochs": to("train.epochs"), "max_steps": to("train.max_steps"),
-    "learning_rate": to("train.learning_rate"), "lr_scheduler": to("train.lr_scheduler", lambda v: SCHEDULERS.get(v, v)),
+    "learning_rate": to("train.learning_rate"), "lr_scheduler": to("train.lr_scheduler"),
     "warmup_steps": to("train.warmup_steps"), "warmup_ratio": to("train.warmup_ratio"),
     "optimizer": optimizer, "weight_decay": to("train.weight_decay"), "max_grad_norm": to("train.max_grad_norm"),
     "seed": to("train.seed"), "logging_steps": to("train.logging_steps"), "save_steps": to("train.save_steps"),

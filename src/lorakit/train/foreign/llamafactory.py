@@ -13,10 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.train.foreign.mapping import Mapper, eval_fraction, ignore, optimizer, refuse_unless, to
+from lorakit.train.foreign.mapping import (
+    DISTRIBUTED,
+    Mapper,
+    eval_fraction,
+    ignore,
+    optimizer,
+    refuse_unless,
+    to,
+)
 
 HALLMARKS = ("model_name_or_path", "finetuning_type", "stage")
-DISTRIBUTED = "multi-GPU training is not in lorakit yet (the distributed issue); this runs on one device"
 # dataset_info.json's defaults (LLaMA-Factory's data/README.md)
 ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
 SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",

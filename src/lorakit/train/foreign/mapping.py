@@ -15,6 +15,9 @@ from typing import Any
 
 from lorakit.errors import ConfigError, closest
 
+# Their launcher / sharding keys: not translated (their DeepSpeed and FSDP settings are their own files and lists).
+DISTRIBUTED = ("launch settings are not translated: `lorakit train --nproc N` or torchrun runs DDP; for FSDP or "
+               "DeepSpeed set train.fsdp / train.deepspeed in the lorakit config (GPUs)")
 # Optimizer names HF TrainingArguments / Axolotl / LLaMA-Factory use, as ours.
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw", "adamw": "adamw",
               "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
