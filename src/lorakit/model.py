@@ -187,7 +187,7 @@ class PeftModel(nn.Module):
         `path_initial_model_for_weight_conversion`, PiSSA/OLoRA adapters for the untouched base (files/save.py)."""
         names = self._known(selected_adapters if selected_adapters is not None else list(self.peft_config))
         if is_main_process:
-            save_adapters(self.get_base_model(), {n: self.peft_config[n] for n in names}, self.base_fingerprint,
+            save_adapters(self.base_model.saved_tensors, {n: self.peft_config[n] for n in names}, self.base_fingerprint,
                           save_directory, safe_serialization, path_initial_model_for_weight_conversion)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,

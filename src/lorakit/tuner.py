@@ -14,6 +14,7 @@ Also here, because they walk every layer: merging all-or-nothing, and which para
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,12 +25,14 @@ from torch import nn
 
 from lorakit.adapters import AdapterSet
 from lorakit.errors import AdapterStateError, ConfigError
-from lorakit.files.tensors import LoadPlan, apply_biases
+from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
-from lorakit.methods.registry import method_of, method_of_layer
-from lorakit.routing import Routing, adapter_routing, gradient_checkpointing_on
+from lorakit.methods.registry import acts_on_inputs, method_of, method_of_layer
+from lorakit.methods.virtual_tokens.encoders import VirtualTokenEncoders
+from lorakit.methods.virtual_tokens.inputs import RowTokens, cache_keyword, extend_call
+from lorakit.routing import Routing, adapter_routing, current_routing, gradient_checkpointing_on
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 
@@ -38,11 +41,16 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.adapter_set = adapter_set
+        self.prompt_encoder = VirtualTokenEncoders()  # virtual-token adapters (prompt/prefix tuning), by name
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         """The wrapped model's forward. A causal LM's training call (labels, grad on, train mode) takes the
         fast path's loss (fused_loss.py: no full logits, so `logits` is None) unless the fast path is off.
-        The first input goes positionally, so a plain `nn.Module` base still gets `model(x)`."""
+        The first input goes positionally, so a plain `nn.Module` base still gets `model(x)`.
+        Rows with virtual-token adapters get their tokens first (virtual_tokens/inputs.py)."""
+        rows = self.virtual_rows(input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
+        if rows is not None:
+            input_ids, labels, kwargs = extend_call(self.model, rows, input_ids, labels, kwargs)
         if self.adapter_set.fast_path and fused_loss_applies(self.model, labels, kwargs):
             return causal_lm_loss_forward(self.model, input_ids, labels, kwargs)
         if labels is not None:
@@ -58,7 +66,54 @@ class LoraModel(nn.Module):
             returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
             adapter_names = [n for n in adapter_names for _ in range(max(beams, returns))]
         with self.running(adapter_names):
-            return self.model.generate(*args, **kwargs)
+            input_ids = kwargs.pop("input_ids", args[0] if args else None)
+            rows = self.virtual_rows(input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
+            if rows is None:
+                return self.model.generate(*args, **kwargs) if args else self.model.generate(input_ids=input_ids, **kwargs)
+            return self._generate_with_virtual_tokens(rows, input_ids, args[1:], kwargs)
+
+    def virtual_rows(self, inputs) -> list[RowTokens | None] | None:
+        """Each row's virtual-token adapter for this call (from the routing, else the active adapters),
+        or None when no row has one."""
+        if not len(self.prompt_encoder) or inputs is None or self.adapter_set.disabled:
+            return None
+        routing = current_routing()
+        if routing is None:
+            virtual = [name for name in self.adapter_set.active if name in self.prompt_encoder]
+            if len(virtual) > 1:
+                raise AdapterStateError(f"Active adapters {virtual} are all virtual-token adapters; a row takes one "
+                                        "(stack one with layer adapters such as LoRA instead).")
+            names = virtual[:1] * inputs.shape[0]
+        else:
+            if routing.per_token and any(name in self.prompt_encoder for name in routing.names):
+                raise AdapterStateError("Virtual-token adapters choose per row (adapter_names=[...] per row), not per "
+                                        "token of a packed batch.")
+            names = routing.names
+        rows = [RowTokens(self.prompt_encoder[n], self.adapter_set.configs[n]) if n in self.prompt_encoder else None
+                for n in names]
+        return rows if any(rows) else None
+
+    def _generate_with_virtual_tokens(self, rows, input_ids, args, kwargs):
+        """generate() from the extended inputs: the embeddings go in as `inputs_embeds` behind one masked
+        slot per cache slot (so generate's cache bookkeeping counts them), the prefix as the cache; the
+        positions come from the attention mask (generate's rule). Returns input_ids + new tokens, as PEFT."""
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1 or \
+                (kwargs.get("num_return_sequences") or 1) > 1:
+            raise AdapterStateError("generate with virtual-token adapters runs one sequence per row (num_beams=1, "
+                                    "num_return_sequences=1); repeat the rows instead.")
+        _, _, call = extend_call(self.model, rows, input_ids, None, dict(kwargs))
+        call.pop("position_ids")
+        embeds = call.pop("inputs_embeds", None)
+        if embeds is None:
+            embeds = self.model.get_input_embeddings()(input_ids)
+        cache = call.pop(cache_keyword(self.model), None)
+        if cache is not None:
+            embeds = torch.cat([embeds.new_zeros(embeds.shape[0], cache.get_seq_length(), embeds.shape[-1]), embeds], 1)
+            generate_params = inspect.signature(self.model.prepare_inputs_for_generation).parameters
+            call["cache" if "cache" in generate_params else "past_key_values"] = cache
+        new_tokens = self.model.generate(*args, inputs_embeds=embeds, **call)
+        return torch.cat([input_ids, new_tokens], dim=1) if input_ids is not None else new_tokens
 
     def __getattr__(self, name: str):
         try:
@@ -75,8 +130,9 @@ class LoraModel(nn.Module):
     def saved_module_wrappers(self) -> list[ModulesToSaveWrapper]:
         return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
 
-    def tuner_modules(self) -> list[AdapterLayer | ModulesToSaveWrapper]:
-        return [m for _, m in self.named_tuner_modules()]
+    def tuner_modules(self) -> list[AdapterLayer | ModulesToSaveWrapper | VirtualTokenEncoders]:
+        """Everything that holds adapters: adapted layers, saved-module wrappers, the virtual-token encoders."""
+        return [m for _, m in self.named_tuner_modules()] + [self.prompt_encoder]
 
     def named_tuner_modules(self) -> list[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
         """(name, module) of adapted layers and saved-module wrappers, named as PEFT names them ("model.…")."""
@@ -91,6 +147,8 @@ class LoraModel(nn.Module):
 
     def unwrapped_targets(self, config: Any, plan: LoadPlan | None = None) -> list[str]:
         """The modules `config` targets that are not wrapped yet (adding it would change the tree)."""
+        if acts_on_inputs(config):
+            return []
         targets, to_save = self._targets(config, plan)
         modules = dict(named_candidates(self.model))
         return ([n for n in targets if not isinstance(modules[n], AdapterLayer)]
@@ -133,7 +191,11 @@ class LoraModel(nn.Module):
             )
         with adapters.lock.writing():
             first = not adapters.configs
-            self.inject(config, adapter_name, plan)
+            if acts_on_inputs(config):
+                tensors = plan.model_tensors if plan is not None else None
+                self.prompt_encoder[adapter_name] = method_of(config).new_encoder(self.model, config, tensors)
+            else:
+                self.inject(config, adapter_name, plan)
             if plan is not None and plan.biases:
                 apply_biases(self.model, plan.biases)
             adapters.add(adapter_name, config)
@@ -165,6 +227,25 @@ class LoraModel(nn.Module):
                 wrapper = ModulesToSaveWrapper(wrapper, self.adapter_set)
                 self._replace(name, wrapper)
             wrapper.update(adapter_name, plan.saved_modules[name] if plan else None)
+
+    def saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """What `save_pretrained` writes for one adapter, under PEFT's names."""
+        config = self.adapter_set.configs[adapter_name]
+        if acts_on_inputs(config):
+            return method_of(config).model_tensors(self.prompt_encoder[adapter_name])
+        return adapter_tensors(self.model, adapter_name, config)
+
+    def live_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's parameters under its file names, to copy a checkpoint into (resume)."""
+        config = self.adapter_set.configs[adapter_name]
+        if not acts_on_inputs(config):
+            return adapter_tensors(self.model, adapter_name, config)
+        encoder = self.prompt_encoder[adapter_name]
+        if len(list(encoder.parameters())) != 1:
+            raise AdapterStateError(f"Adapter {adapter_name!r} ({config.peft_type}) trains an encoder whose weights "
+                                    "PEFT's file does not hold (only its output); a run cannot resume from it. Start "
+                                    "the run again, or load the saved adapter and train its tokens on.")
+        return {name: encoder.embedding.weight for name in method_of(config).model_tensors(encoder)}
 
     # -- out ---------------------------------------------------------------------------------
     def remove_adapter(self, adapter_name: str) -> None:
@@ -205,6 +286,9 @@ class LoraModel(nn.Module):
 
     def merge(self, names: Sequence[str], safe_merge: bool, allow_quantized: bool) -> None:
         """Fold `names` into the base weights: every check on every layer before the first weight changes."""
+        virtual = [name for name in names if name in self.prompt_encoder]
+        if virtual:
+            raise method_of(self.adapter_set.configs[virtual[0]]).refuse_merge(virtual[0])
         layers = self.adapter_layers()
         for layer in layers:
             layer.check_merge(names, check_finite=safe_merge, allow_quantized=allow_quantized)

@@ -5,20 +5,22 @@ from __future__ import annotations
 import json
 import os
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
 
 from lorakit import __version__
 from lorakit.errors import AdapterError
 from lorakit.files.format import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
-from lorakit.files.tensors import adapter_tensors
 from lorakit.methods.registry import method_of
 
 
-def save_adapters(base: nn.Module, configs: dict[str, Any], fingerprint: dict, directory: str | os.PathLike,
-                  safe_serialization: bool = True, initial_dir: str | os.PathLike | None = None) -> None:
-    """Write adapters ("default" at the root, others in subdirectories), atomically each.
+def save_adapters(tensors_of: Callable[[str], dict[str, torch.Tensor]], configs: dict[str, Any], fingerprint: dict,
+                  directory: str | os.PathLike, safe_serialization: bool = True,
+                  initial_dir: str | os.PathLike | None = None) -> None:
+    """Write adapters ("default" at the root, others in subdirectories), atomically each; `tensors_of(name)`
+    gives an adapter's tensors under PEFT's names (the tuner's `saved_tensors`).
 
     `initial_dir`: where the adapters were saved right after initialisation; adapters that took
     part of the base weight (PiSSA/OLoRA) are then written for the original, untouched base
@@ -33,7 +35,7 @@ def save_adapters(base: nn.Module, configs: dict[str, Any], fingerprint: dict, d
             "lorakit.base_model": config.base_model_name_or_path or "",
             FINGERPRINT_KEY: json.dumps(fingerprint),
         }
-        tensors = adapter_tensors(base, name, config)
+        tensors = tensors_of(name)
         if initial_dir is not None:
             initial = read_adapter(adapter_dir(initial_dir, name))
             tensors, config = method_of(config).convert_weight_init(tensors, config, initial.tensors, initial.directory)

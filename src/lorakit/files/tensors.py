@@ -59,6 +59,7 @@ class LoadPlan:
     layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module → {suffix: tensor} (the method's)
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module → state dict
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # base parameter name → value
+    model_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # a virtual-token method's (no module path)
 
 
 def plan_load(base: nn.Module, config: Any, tensors: dict[str, torch.Tensor], source: Path,
@@ -69,6 +70,8 @@ def plan_load(base: nn.Module, config: Any, tensors: dict[str, torch.Tensor], so
     and small updates keep their precision; False keeps the file's dtype.
     """
     method = method_of(config)
+    if method.acts_on == "inputs":
+        return _plan_model_tensors(method, config, tensors, source, autocast_adapter_dtype)
     try:
         targets = find_target_modules(base, config)
         to_save = find_modules_to_save(base, config.modules_to_save or [])
@@ -124,6 +127,29 @@ def plan_load(base: nn.Module, config: Any, tensors: dict[str, torch.Tensor], so
                 "and it differs from this base model's (resized vocabulary? another base?). lorakit does not overwrite "
                 "base weights when loading an adapter; load it onto the base it was trained with."
             )
+    return plan
+
+
+def _plan_model_tensors(method, config: Any, tensors: dict[str, torch.Tensor], source: Path,
+                        autocast_adapter_dtype: bool) -> LoadPlan:
+    """A virtual-token adapter's file: exactly the method's tensors, each of its shape."""
+    expected = method.expected_model_tensors(config)
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise AdapterWeightsError(f"{source}: tensor {extra[0]} is not part of a {config.peft_type} adapter (it holds "
+                                  f"only {sorted(expected)}); an edited file, or one for another method.")
+    plan = LoadPlan()
+    for key, shape in expected.items():
+        tensor = tensors.get(key)
+        if tensor is None:
+            raise AdapterWeightsError(f"{source}: tensor {key} is missing; a {config.peft_type} adapter holds it.")
+        if tuple(tensor.shape) != shape:
+            raise AdapterWeightsError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}, but this {config.peft_type} config on this "
+                f"model needs {shape} (num_virtual_tokens={config.num_virtual_tokens}, token_dim={config.token_dim}"
+                + (f", num_layers={config.num_layers}" if method.places == "cache" else "") + ").")
+        upcast = autocast_adapter_dtype and tensor.dtype in (torch.float16, torch.bfloat16)
+        plan.model_tensors[key] = tensor.float() if upcast else tensor
     return plan
 
 

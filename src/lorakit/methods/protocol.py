@@ -7,6 +7,12 @@ method's folder owns its config class, its layers, its PEFT tensor names and sha
 initialisation and its merge maths (the layers implement `AdapterLayer`'s hooks).
 
 A method is registered in `registry.py` by its PEFT type (adapter_config.json's `peft_type`).
+
+Two shapes of method: `acts_on = "layers"` (LoRA, IA3, AdaLoRA, bottleneck adapters) wraps
+target modules; `acts_on = "inputs"` (prompt tuning, P-tuning, prefix tuning:
+`VirtualTokenMethod`) wraps nothing and keeps one encoder per adapter beside the model, whose
+virtual tokens the per-row hook (virtual_tokens/inputs.py) puts in front of each row's input.
+Shared code asks `acts_on`, never a class.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ AdapterConfig: TypeAlias = Any  # a registered method's config class (LoraConfig
 
 
 class AdapterMethod(Protocol):
+    acts_on: str  # "layers"
     peft_type: str  # adapter_config.json's "peft_type", e.g. "LORA"
     config_class: type  # e.g. LoraConfig; its from_dict reads adapter_config.json
     param_marker: str  # in every adapter parameter's name (e.g. "lora_"), never in a base parameter's
@@ -66,3 +73,26 @@ class AdapterMethod(Protocol):
     def module_deltas(self, tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
         """{module: what the adapter changes there, as one tensor} from a file's tensors — comparable across
         versions whatever the factorisation (`lorakit registry diff`)."""
+
+
+class VirtualTokenMethod(Protocol):
+    acts_on: str  # "inputs"
+    peft_type: str
+    config_class: type
+    param_marker: str
+    places: str  # "inputs" (embeddings) or "cache" (every layer's keys and values)
+
+    def prepare_config(self, model: nn.Module, config: Any) -> None:
+        """Fill in the model's sizes (layers, hidden size, heads)."""
+
+    def expected_model_tensors(self, config: Any) -> dict[str, tuple[int, ...]]:
+        """PEFT's file tensors (not under a module path): name → shape."""
+
+    def new_encoder(self, model: nn.Module, config: Any, tensors: dict[str, torch.Tensor] | None) -> nn.Module:
+        """The adapter's encoder (`places`, `virtual_tokens()`): initialised, or from a file's checked tensors."""
+
+    def model_tensors(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
+        """What `save_pretrained` writes for this adapter."""
+
+    def refuse_merge(self, name: str) -> Exception:
+        """The error for merging an adapter that has no weight to merge into."""

@@ -8,9 +8,11 @@ from lorakit.errors import ConfigError
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.ia3.method import IA3
 from lorakit.methods.lora.method import LORA
-from lorakit.methods.protocol import AdapterMethod
+from lorakit.methods.protocol import AdapterMethod, VirtualTokenMethod
+from lorakit.methods.virtual_tokens.method import P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 
-METHODS: dict[str, AdapterMethod] = {method.peft_type: method for method in (LORA, IA3)}
+METHODS: dict[str, AdapterMethod | VirtualTokenMethod] = {
+    method.peft_type: method for method in (LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
 
 
 def method_for(peft_type: str) -> AdapterMethod:
@@ -23,6 +25,11 @@ def method_for(peft_type: str) -> AdapterMethod:
 def method_of(config: Any) -> AdapterMethod:
     """The method of a config object (LoraConfig, …)."""
     return method_for(config.peft_type)
+
+
+def acts_on_inputs(config: Any) -> bool:
+    """Whether the config's method adds virtual tokens (no layers wrapped)."""
+    return method_of(config).acts_on == "inputs"
 
 
 def method_of_layer(layer: AdapterLayer) -> AdapterMethod:

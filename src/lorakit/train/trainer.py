@@ -26,7 +26,6 @@ from transformers import Trainer
 
 from lorakit.errors import AdapterWeightsError, ConfigError
 from lorakit.files.format import adapter_dir, read_adapter, write_text_atomic
-from lorakit.files.tensors import adapter_tensors
 
 COMPLETE_MARK = "lorakit-checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -112,10 +111,9 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 def restore_adapters(model, folder: Path) -> None:
     """Copy every adapter saved in a checkpoint into the model's live adapter tensors."""
-    base = model.get_base_model()
-    for name, config in model.peft_config.items():
+    for name in model.peft_config:
         files = read_adapter(adapter_dir(folder, name))
-        live = adapter_tensors(base, name, config)
+        live = model.base_model.live_tensors(name)
         if set(files.tensors) != set(live):
             difference = sorted(set(files.tensors) ^ set(live))[:4]
             raise AdapterWeightsError(f"{folder}: checkpoint of adapter {name!r} does not match the model ({difference}).")

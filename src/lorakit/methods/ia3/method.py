@@ -17,6 +17,7 @@ from lorakit.targets import is_linear, matches
 
 
 class IA3Method:
+    acts_on = "layers"
     peft_type = "IA3"
     config_class = IA3Config
     param_marker = "ia3_"

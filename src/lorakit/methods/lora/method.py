@@ -29,6 +29,7 @@ A_NAMES = ("lora_A.weight", "lora_embedding_A")
 
 
 class LoraMethod:
+    acts_on = "layers"
     peft_type = "LORA"
     config_class = LoraConfig
     param_marker = "lora_"
