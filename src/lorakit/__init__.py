@@ -4,21 +4,29 @@ __version__ = "0.1.0"  # first: modules below read it
 
 from lorakit import errors  # noqa: E402
 from lorakit.base_models import load_base  # noqa: E402
+from lorakit.methods.adalora.config import AdaLoraConfig  # noqa: E402
 from lorakit.methods.config_fields import TaskType  # noqa: E402
 from lorakit.methods.ia3.config import IA3Config  # noqa: E402
 from lorakit.methods.lora.config import LoraConfig  # noqa: E402
 from lorakit.methods.lora.loraplus import create_loraplus_optimizer  # noqa: E402
+from lorakit.methods.p_tuning.config import PromptEncoderConfig  # noqa: E402
+from lorakit.methods.prefix_tuning.config import PrefixTuningConfig  # noqa: E402
+from lorakit.methods.prompt_tuning.config import PromptTuningConfig  # noqa: E402
 from lorakit.model import PeftModel, get_peft_model  # noqa: E402
 from lorakit.quant import footprint, prepare_model_for_kbit_training  # noqa: E402
 from lorakit.routing import BASE_ADAPTER  # noqa: E402
 from lorakit.tuner import LoraModel  # noqa: E402
 
 __all__ = [
+    "AdaLoraConfig",
     "BASE_ADAPTER",
     "IA3Config",
     "LoraConfig",
     "LoraModel",
     "PeftModel",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
     "TaskType",
     "create_loraplus_optimizer",
     "errors",

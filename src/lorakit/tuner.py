@@ -42,6 +42,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.adapter_set = adapter_set
         self.prompt_encoder = VirtualTokenEncoders()  # virtual-token adapters (prompt/prefix tuning), by name
+        self.method_state: dict[str, object] = {}  # what a method keeps across steps (AdaLoRA's allocators)
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         """The wrapped model's forward. A causal LM's training call (labels, grad on, train mode) takes the
@@ -52,10 +53,35 @@ class LoraModel(nn.Module):
         if rows is not None:
             input_ids, labels, kwargs = extend_call(self.model, rows, input_ids, labels, kwargs)
         if self.adapter_set.fast_path and fused_loss_applies(self.model, labels, kwargs):
-            return causal_lm_loss_forward(self.model, input_ids, labels, kwargs)
-        if labels is not None:
-            kwargs["labels"] = labels
-        return self.model(*((input_ids,) if input_ids is not None else ()), **kwargs)
+            out = causal_lm_loss_forward(self.model, input_ids, labels, kwargs)
+        else:
+            if labels is not None:
+                kwargs["labels"] = labels
+            out = self.model(*((input_ids,) if input_ids is not None else ()), **kwargs)
+        return self._add_loss_terms(out)
+
+    def _add_loss_terms(self, out):
+        """Add what a method puts in the loss (AdaLoRA's orthogonality term, as PEFT adds it to any loss)."""
+        if not isinstance(getattr(out, "loss", None), torch.Tensor):
+            return out
+        for name in self.adapter_set.active:
+            config = self.adapter_set.configs.get(name)
+            term_of = getattr(method_of(config), "loss_term", None) if config is not None else None
+            if term_of is not None and not config.inference_mode:
+                term = term_of(self.model, name, config)
+                if term is not None:
+                    out.loss = out.loss + term
+        return out
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """PEFT's AdaLoRA step (after optimizer.step(), before zero_grad()): for each training adapter whose
+        method re-allocates ranks, update importance scores and prune to the step's budget."""
+        for name, config in self.adapter_set.configs.items():
+            step_of = getattr(method_of(config), "update_and_allocate", None)
+            if step_of is not None and not config.inference_mode:
+                layers = {path: m for path, m in named_candidates(self.model)
+                          if isinstance(m, AdapterLayer) and m.holds(name)}
+                step_of(self.model, layers, name, config, global_step, self.method_state)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The wrapped model's generate under one routing for every step (each row repeated for beams

@@ -148,7 +148,7 @@ Q0A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     ("pickle", PickleRefusedError, "lorakit convert --allow-pickle"),
     ("bad json", AdapterConfigError, r"adapter_config.json is not valid JSON \(line 3, column 3"),
     ("json list", AdapterConfigError, "must hold a JSON object"),
-    ("unknown peft_type", AdapterConfigError, "peft_type is 'PREFIX_TUNING'"),
+    ("unknown peft_type", AdapterConfigError, "peft_type is 'VBLORA'"),
     ("misspelt field", AdapterConfigError, "Did you mean 'lora_alpha'"),
     ("truncated weights", AdapterWeightsError, "truncated or corrupt"),
     ("edited alpha", AdapterConfigError, "does not match the config these weights were saved with"),
@@ -177,7 +177,7 @@ def test_each_bad_input_gets_its_own_clear_error(saved, case, error, message):
     elif case == "json list":
         config.write_text("[1, 2]")
     elif case == "unknown peft_type":
-        config.write_text(config.read_text().replace('"LORA"', '"PREFIX_TUNING"'))
+        config.write_text(config.read_text().replace('"LORA"', '"VBLORA"'))
     elif case == "misspelt field":
         config.write_text(config.read_text().replace('"lora_alpha"', '"lora_alhpa"'))
     elif case == "truncated weights":

@@ -41,7 +41,7 @@ def test_the_registry_dispatches_by_peft_type():
     config = lorakit.LoraConfig(r=2, target_modules=["q_proj"])
     assert method_of(config) is method_for("LORA")
     assert type(config_from_dict(config.to_dict())) is lorakit.LoraConfig
-    with pytest.raises(ConfigError, match=r"peft_type is 'NOPE'; lorakit reads \['IA3', 'LORA'\]"):
+    with pytest.raises(ConfigError, match=r"peft_type is 'NOPE'; lorakit reads \[.*'IA3', 'LORA', 'PREFIX_TUNING'.*\]"):
         method_for("NOPE")
     assert is_adapter_parameter("model.layers.0.q_proj.lora_A.default.weight")
     assert not is_adapter_parameter("model.layers.0.q_proj.base_layer.weight")

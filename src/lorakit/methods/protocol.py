@@ -74,6 +74,10 @@ class AdapterMethod(Protocol):
         """{module: what the adapter changes there, as one tensor} from a file's tensors — comparable across
         versions whatever the factorisation (`lorakit registry diff`)."""
 
+    # Optional (AdaLoRA has them; the tuner asks with getattr):
+    #   loss_term(model, name, config) -> Tensor | None         added to every loss (PEFT's orth. regulariser)
+    #   update_and_allocate(model, layers, name, config, step, state)   after each optimizer step
+
 
 class VirtualTokenMethod(Protocol):
     acts_on: str  # "inputs"
