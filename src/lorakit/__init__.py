@@ -5,6 +5,7 @@ __version__ = "0.1.0"  # first: modules below read it
 from lorakit import errors  # noqa: E402
 from lorakit.base_models import load_base  # noqa: E402
 from lorakit.methods.adalora.config import AdaLoraConfig  # noqa: E402
+from lorakit.methods.bottleneck.config import BottleneckConfig  # noqa: E402
 from lorakit.methods.config_fields import TaskType  # noqa: E402
 from lorakit.methods.ia3.config import IA3Config  # noqa: E402
 from lorakit.methods.lora.config import LoraConfig  # noqa: E402
@@ -20,6 +21,7 @@ from lorakit.tuner import LoraModel  # noqa: E402
 __all__ = [
     "AdaLoraConfig",
     "BASE_ADAPTER",
+    "BottleneckConfig",
     "IA3Config",
     "LoraConfig",
     "LoraModel",

@@ -7,13 +7,14 @@ from typing import Any
 from lorakit.errors import ConfigError
 from lorakit.methods.adalora.method import ADALORA
 from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.bottleneck.method import BOTTLENECK
 from lorakit.methods.ia3.method import IA3
 from lorakit.methods.lora.method import LORA
 from lorakit.methods.protocol import AdapterMethod, VirtualTokenMethod
 from lorakit.methods.virtual_tokens.method import P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 
 METHODS: dict[str, AdapterMethod | VirtualTokenMethod] = {
-    method.peft_type: method for method in (LORA, IA3, ADALORA, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
+    method.peft_type: method for method in (LORA, IA3, ADALORA, BOTTLENECK, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
 
 
 def method_for(peft_type: str) -> AdapterMethod:
