@@ -77,8 +77,10 @@ def job_yaml(tmp_path: Path, model_dir: Path, fmt: str = "prompt_completion", **
         "eval": {"max_new_tokens": 8, "samples": 2},
         "output_dir": str(tmp_path / "run"),
     }
+    if sections.get("method", "lora") != "lora":
+        del config["lora"]  # another method's section replaces it
     for section, values in sections.items():
-        config[section] = {**config[section], **values} if isinstance(values, dict) else values
+        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

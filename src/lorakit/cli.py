@@ -52,7 +52,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what an adapter holds: config, base and fingerprint, targets, ranks, size, tensor stats."""
-    from lorakit.files.inspect import describe, to_json
+    from lorakit.files.inspect import config_line, describe, to_json
 
     info = _or_exit(describe, directory)
     if as_json:
@@ -64,10 +64,11 @@ def inspect(
     for label, value in [
         ("made by", info["made_by"]), ("created", info["created"] or "-"), ("base model", info["base_model"] or "-"),
         ("base fingerprint", info["fingerprint"]), ("checksum", info["checksum"]),
-        ("r / alpha", f"{config['r']} / {config['lora_alpha']}" + (" (rsLoRA)" if config["use_rslora"] else "")),
-        ("ranks (modules)", ", ".join(f"r={r}: {n}" for r, n in info["ranks"].items())),
-        ("target modules", f"{len(info['target_modules'])} modules ({config['target_modules']})"),
-        ("modules_to_save", str(config["modules_to_save"] or "-")), ("bias", config["bias"]),
+        ("method", config_line(config)),
+        ("ranks (modules)", ", ".join(f"r={r}: {n}" for r, n in info["ranks"].items()) or "-"),
+        ("target modules", f"{len(info['target_modules'])} modules ({config.get('target_modules')})"
+         if info["target_modules"] else "none (virtual tokens in front of the input)"),
+        ("modules_to_save", str(config.get("modules_to_save") or "-")), ("bias", config.get("bias", "none")),
         ("parameters", f"{info['parameters']:,}"), ("size on disk", f"{info['size_bytes'] / 1e6:.2f} MB"),
         ("other adapters here", ", ".join(info["other_adapters"]) or "-"),
     ]:

@@ -97,7 +97,7 @@ def test_axolotl_qlora_example_maps_key_by_key_and_trains(tmp_path, wide_chat_mo
     assert code == 0, output
     summary = json.loads((tmp_path / "outputs" / "qlora-out" / "summary.json").read_text())
     assert summary["run"]["steps"] == 2 and summary["quantize"] == "nf4" and summary["data"]["format"] == "alpaca"
-    assert summary["lora"]["r"] == 32 and summary["data"]["packed_rows"] == 1
+    assert summary["adapter"]["r"] == 32 and summary["data"]["packed_rows"] == 1
 
 
 LLAMAFACTORY_MAPPED = {
@@ -131,7 +131,7 @@ def test_llamafactory_lora_sft_example_maps_key_by_key_and_trains(tmp_path, chat
     summary = json.loads((tmp_path / "saves" / "llama3-8b" / "lora" / "sft" / "summary.json").read_text())
     assert summary["run"]["steps"] == 2 and summary["data"]["format"] == "alpaca"
     assert summary["data"]["train"]["examples"] + summary["data"]["eval"]["examples"] == len(ALPACA)
-    assert (summary["lora"]["r"], summary["lora"]["lora_alpha"], summary["lora"]["lora_dropout"]) == (8, 16, 0.0)
+    assert (summary["adapter"]["r"], summary["adapter"]["lora_alpha"], summary["adapter"]["lora_dropout"]) == (8, 16, 0.0)
 
 
 @pytest.mark.parametrize("changes, expected", [

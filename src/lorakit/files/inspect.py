@@ -49,5 +49,19 @@ def describe(directory: str | os.PathLike) -> dict:
     }
 
 
+def config_line(adapter: dict) -> str:
+    """One line for `lorakit inspect` and report.md: the method and the fields that say most about it."""
+    kind = adapter.get("peft_type", "LORA")
+    keys = {"LORA": ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights"),
+            "IA3": ("target_modules", "feedforward_modules"),
+            "ADALORA": ("init_r", "target_r", "total_step", "tinit", "tfinal", "target_modules"),
+            "BOTTLENECK": ("architecture", "reduction_factor", "non_linearity"),
+            }.get(kind, ("num_virtual_tokens",))
+    text = ", ".join(f"{key} {adapter.get(key)}" for key in keys)
+    if kind == "LORA":
+        text += (", DoRA" if adapter.get("use_dora") else "") + (", rsLoRA" if adapter.get("use_rslora") else "")
+    return f"{kind}: {text}"
+
+
 def to_json(info: dict) -> str:
     return json.dumps(info, indent=2)

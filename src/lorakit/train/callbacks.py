@@ -148,3 +148,14 @@ class StepTimer(TrainerCallback):
         rest = sorted(self.durations[1:])
         median = rest[len(rest) // 2] if rest else None
         return {"first_step_seconds": self.durations[0] if self.durations else None, "median_step_seconds": median}
+
+
+class RankAllocation(TrainerCallback):
+    """PEFT's AdaLoRA step, run where PEFT's docs put it: after optimizer.step(), before zero_grad()
+    (HF Trainer's on_optimizer_step), with the steps done so far. A no-op for methods without one."""
+
+    def __init__(self, model) -> None:
+        self.model = model  # the PeftModel itself: under DDP, Trainer's `model` argument is the wrapper
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.model.base_model.update_and_allocate(state.global_step)

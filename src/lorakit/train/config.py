@@ -2,7 +2,8 @@
 
     model: smollm2-135m-instruct   # built-in alias or a local transformers directory
     quantize: null                 # nf4 | fp4 | int8 (QLoRA)
-    lora: {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: all-linear}
+    method: lora                   # lora | ia3 | prompt_tuning | p_tuning | prefix_tuning | adalora | bottleneck
+    lora: {r: 16, lora_alpha: 32, lora_dropout: 0.05, target_modules: all-linear}   # the method's section
     data: {train: data/train.jsonl, eval: null, format: auto, max_seq_len: 512, packing: false}
     train: {max_steps: 200, batch_size: 8, learning_rate: 2.0e-4, ...}
     eval: {max_examples: 64, max_new_tokens: 48, samples: 3}
@@ -17,7 +18,8 @@ value, allowed range, "did you mean"); it is already a dependency (FastAPI's), a
 typer's, which jsonargparse (LitGPT's choice, a CLI framework of its own) would duplicate.
 
 `lora:` takes every `LoraConfig` field; the keys given override the job's defaults one by
-one (`lora: {r: 8}` keeps α=32, dropout 0.05 and all-linear targets). `--set
+one (`lora: {r: 8}` keeps α=32, dropout 0.05 and all-linear targets). Another `method:` reads
+its own section the same way (`adalora: {...}`, … : train/methods.py). `--set
 train.max_steps=10` overrides one value (parsed as YAML).
 
 Paths (`model` when it is a directory, `data.train`, `data.eval`, `output_dir`): one rule.
@@ -41,11 +43,11 @@ from lorakit.errors import ConfigError, DataError
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.optim import OPTIMIZERS
 from lorakit.train.config_errors import reject_bools_for_numbers, type_name, validated
+from lorakit.train.methods import DEFAULT_LORA, METHOD_NAMES, adapter_config, section_values
 
 DATA_FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 QUANTIZE = (None, "nf4", "fp4", "int8")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
 class Section(BaseModel):
@@ -135,8 +137,17 @@ warnings.filterwarnings("ignore", message='Field name "register" in "JobConfig"'
 class JobConfig(Section):
     model: str = Field(DEFAULT_MODEL, description="Built-in alias or a local transformers directory.")
     quantize: Literal[QUANTIZE] = Field(None, description="Load the base in 4 or 8 bits (QLoRA): nf4 | fp4 | int8.")
+    method: Literal[METHOD_NAMES] = Field("lora", description="The adapter method; its section (lora:, ia3:, "
+                                          "adalora:, …) holds its config fields.")
     lora: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LORA),
                                  description="LoraConfig fields; the keys given override the job's defaults.")
+    ia3: dict[str, Any] | None = Field(None, description="IA3Config fields (method: ia3).")
+    prompt_tuning: dict[str, Any] | None = Field(None, description="PromptTuningConfig fields (method: prompt_tuning).")
+    p_tuning: dict[str, Any] | None = Field(None, description="PromptEncoderConfig fields (method: p_tuning).")
+    prefix_tuning: dict[str, Any] | None = Field(None, description="PrefixTuningConfig fields (method: prefix_tuning).")
+    adalora: dict[str, Any] | None = Field(None, description="AdaLoraConfig fields (method: adalora); total_step "
+                                           "defaults to the run's optimizer steps.")
+    bottleneck: dict[str, Any] | None = Field(None, description="BottleneckConfig fields (method: bottleneck).")
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -153,12 +164,18 @@ class JobConfig(Section):
     def base_dir(self) -> Path:
         return self._base_dir
 
-    def lora_config(self) -> LoraConfig:
-        """The adapter's LoraConfig; its own errors are prefixed with the section name."""
-        try:
-            return LoraConfig(task_type="CAUSAL_LM", **{k: v for k, v in self.lora.items() if k != "task_type"})
-        except ConfigError as exc:
-            raise ConfigError(f"lora: {exc}") from None
+    def method_section(self) -> dict[str, Any]:
+        """The chosen method's section, the job's defaults for it under the keys given."""
+        return self.lora if self.method == "lora" else section_values(self.method, getattr(self, self.method))
+
+    def adapter_config(self, total_steps: int | None = None) -> Any:
+        """The adapter's config object (LoraConfig, AdaLoraConfig, …); errors prefixed with the section name.
+        `total_steps`: the run's optimizer steps (AdaLoRA's schedule ends there)."""
+        return adapter_config(self.method, self.method_section(), self.model, total_steps)
+
+    def lora_config(self) -> LoraConfig | None:
+        """The LoraConfig when method is lora (the LoRA-only rules ask), else None."""
+        return self.adapter_config() if self.method == "lora" else None
 
     def data_paths(self, which: str) -> list[Path]:
         """`data.train` / `data.eval` (already absolute, see `resolve_paths`) as existing files."""
@@ -262,8 +279,14 @@ def check_job(config: JobConfig) -> None:
         raise DataError("data.train is required: the path of a JSONL, JSON or CSV file of training examples.")
     check_precision(config.train.bf16, config.train.fp16)
     check_sharding(config.train)
-    lora = config.lora_config()  # LoraConfig's own checks, with "lora:" in front
-    if lora.use_dora and str(lora.init_lora_weights).startswith("pissa_niter_"):
+    given = [name for name in METHOD_NAMES if name not in ("lora", config.method) and getattr(config, name) is not None]
+    if given or (config.method != "lora" and "lora" in config.model_fields_set):
+        section = given[0] if given else "lora"
+        raise ConfigError(f"The config has a {section}: section but trains method: {config.method}; set "
+                          f"method: {section} to train it, or remove the section.")
+    config.adapter_config(total_steps=1 << 30)  # the method's own checks, with its section in front
+    lora = config.lora_config()
+    if lora is not None and lora.use_dora and str(lora.init_lora_weights).startswith("pissa_niter_"):
         raise ConfigError("lora: use_dora with init_lora_weights=pissa_niter_K cannot be saved faithfully: a DoRA adapter "
                           "cannot be converted to plain LoRA, and its residual base comes from a randomized SVD that "
                           "differs on every load. Use init_lora_weights: pissa (exact SVD) with DoRA.")

@@ -33,6 +33,7 @@ def answer_loss(model, examples: list[Example], pad_id: int, batch_size: int = 8
     for start in range(0, len(examples), batch_size):
         batch = collate([{"input_ids": e.input_ids, "labels": e.labels} for e in examples[start:start + batch_size]])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -batch["input_ids"].shape[1]:]  # virtual tokens (soft prompts) come first
         targets = batch["labels"][:, 1:]
         losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum",
                                  ignore_index=IGNORE_INDEX)

@@ -38,10 +38,11 @@ from lorakit.optim import make_optimizer, optimizer_class
 from lorakit.quant import prepare_model_for_kbit_training
 from lorakit.quiet import is_verbose
 from lorakit.train.batching import Collator, pack
-from lorakit.train.callbacks import MetricsFile, RichProgress, StepTimer, read_metrics
+from lorakit.train.callbacks import MetricsFile, RankAllocation, RichProgress, StepTimer, read_metrics
 from lorakit.train.config import DataConfig, EvalConfig, JobConfig, TrainConfig, flatten, load_job_config
 from lorakit.train.data import Dataset, concat, load_dataset, split_eval
 from lorakit.train.evaluate import compare
+from lorakit.train.methods import optimizer_steps
 from lorakit.train.ranks import SINGLE_PROCESS, Ranks, current_ranks
 from lorakit.train.report import plot_losses, print_comparison, write_report
 from lorakit.train.trainer import LoraTrainer, checkpoints
@@ -205,14 +206,14 @@ def peak_memory() -> tuple[float, str]:
     return (kib / 1024 if sys.platform != "darwin" else kib / 2**20), "process peak RSS"
 
 
-def build_model(config: JobConfig) -> PeftModel:
+def build_model(config: JobConfig, total_steps: int | None = None) -> PeftModel:
     # QLoRA + FSDP: the 4-bit values stored as bf16, so FSDP can flatten them with the layer's other parameters
     storage = torch.bfloat16 if config.train.fsdp and config.quantize in ("nf4", "fp4") else torch.uint8
     base = load_base(config.model, quantize=config.quantize, quant_storage=storage)
     base.config.use_cache = False  # a training forward would fill a KV cache nobody reads (generate turns it on)
     if config.quantize:
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.train.gradient_checkpointing)
-    return get_peft_model(base, config.lora_config())
+    return get_peft_model(base, config.adapter_config(total_steps))
 
 
 def converts_on_save(config: JobConfig) -> bool:
@@ -223,7 +224,7 @@ def converts_on_save(config: JobConfig) -> bool:
     stays as trained (the deterministic init rebuilds the residual on load; pissa_niter_K with
     DoRA is refused by the config check)."""
     lora = config.lora_config()
-    return is_weight_init(lora.init_lora_weights) and not lora.use_dora
+    return lora is not None and is_weight_init(lora.init_lora_weights) and not lora.use_dora
 
 
 def save_adapter(model: PeftModel, config: JobConfig, out: Path) -> None:
@@ -256,7 +257,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
                   f"{s.truncated} truncated, {s.dropped} dropped" + (f", {len(train.rows)} packed rows" if train.rows else ""))
     set_seed(config.train.seed)  # the adapter's initial weights, too, come from the seed
     with console.status(f"Loading {config.model}" + (f" ({config.quantize})" if config.quantize else "") + "…"):
-        model = build_model(config)
+        model = build_model(config, optimizer_steps(config.train.max_steps, config.train.epochs, len(train),
+                                                    config.train.batch_size * config.train.grad_accum * ranks.world_size))
     trainable, total = model.get_nb_trainable_parameters()
     console.print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     if ranks.is_main:
@@ -273,7 +275,7 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     trainer = LoraTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=evaluation,
         data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
-        callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl")], keep_checkpoints=config.train.keep_checkpoints,
+        callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl"), RankAllocation(model)], keep_checkpoints=config.train.keep_checkpoints,
     )
     if not is_verbose():
         trainer.remove_callback(PrinterCallback)  # its raw {'loss': ...} dicts repeat what the progress display shows
@@ -297,7 +299,8 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     memory, memory_kind = peak_memory()
     summary = {
         "output_dir": str(out), "model": config.model, "quantize": config.quantize,
-        "lora": config.lora_config().to_dict(),  # resolved: the job's defaults with the YAML's keys over them
+        "method": config.method,
+        "adapter": model.peft_config["default"].to_dict(),  # resolved: defaults, the YAML's keys, what training set
         "paths": {"config_dir": str(config.base_dir), "train": config.data.train, "eval": config.data.eval,
                   "output_dir": str(out)},
         "precision": "bf16 autocast" if config.train.bf16 else "fp16 autocast" if config.train.fp16 else "fp32",

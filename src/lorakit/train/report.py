@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorakit.files.format import atomic_path, write_text_atomic
+from lorakit.files.inspect import config_line
 
 METRIC_ROWS = (("loss", "eval loss (answer tokens)", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
                ("exact_match", "exact match", "{:.0%}"), ("contains_match", "contains match", "{:.0%}"))
@@ -83,13 +84,10 @@ def _cell(text) -> str:
 
 def write_report(path: Path, summary: dict) -> Path:
     """report.md: data, adapter, cost, final losses, before/after and samples."""
-    data, run, comparison, lora, paths = (summary[k] for k in ("data", "run", "comparison", "lora", "paths"))
+    data, run, comparison, adapter, paths = (summary[k] for k in ("data", "run", "comparison", "adapter", "paths"))
     lines = [f"# lorakit run: {summary['output_dir']}", "",
              f"Model `{summary['model']}`" + (f", quantized {summary['quantize']}" if summary["quantize"] else "")
-             + f"; LoRA r={lora['r']}, alpha={lora['lora_alpha']}, dropout {lora['lora_dropout']}, "
-             f"targets {lora['target_modules']}, init {lora['init_lora_weights']}"
-             + (", DoRA" if lora["use_dora"] else "") + (", rsLoRA" if lora["use_rslora"] else "")
-             + f"; {summary['precision']}.", "",
+             + f"; {config_line(adapter)}; {summary['precision']}.", "",
              f"Paths (relative ones in the config resolve against its folder, `{paths['config_dir']}`; --set values "
              f"against the working directory): train `{paths['train']}`, eval `{paths['eval']}`, output "
              f"`{paths['output_dir']}`.", "",

@@ -57,7 +57,8 @@ class Run:
     def row(self) -> dict:
         """One line of the runs table: what `summary.json` says, or what the metrics so far say."""
         summary = self.summary or {}
-        run, lora = summary.get("run", {}), summary.get("lora") or self.config.get("lora") or {}
+        run = summary.get("run", {})
+        lora = summary.get("adapter") or self.config.get(self.config.get("method") or "lora") or {}
         metrics = self.metrics()
         comparison = summary.get("comparison") or {}
         return {

@@ -10,12 +10,13 @@ from typing import ClassVar
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.methods.config_fields import is_int, is_number
+from lorakit.methods.config_fields import is_int, is_number, reject_unknown_fields
 from lorakit.methods.virtual_tokens.config import VirtualTokenConfig
 
 ENCODERS = ("MLP", "LSTM")
 
 
+@reject_unknown_fields()
 @dataclass
 class PromptEncoderConfig(VirtualTokenConfig):
     peft_type: ClassVar[str] = "P_TUNING"

@@ -10,10 +10,11 @@ from typing import ClassVar
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.methods.config_fields import is_int
+from lorakit.methods.config_fields import is_int, reject_unknown_fields
 from lorakit.methods.virtual_tokens.config import VirtualTokenConfig
 
 
+@reject_unknown_fields()
 @dataclass
 class PrefixTuningConfig(VirtualTokenConfig):
     peft_type: ClassVar[str] = "PREFIX_TUNING"

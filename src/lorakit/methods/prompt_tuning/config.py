@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from lorakit.errors import ConfigError
+from lorakit.methods.config_fields import reject_unknown_fields
 from lorakit.methods.virtual_tokens.config import VirtualTokenConfig
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
 
+@reject_unknown_fields()
 @dataclass
 class PromptTuningConfig(VirtualTokenConfig):
     peft_type: ClassVar[str] = "PROMPT_TUNING"

@@ -14,9 +14,10 @@ from typing import Any
 
 from lorakit.train.foreign import axolotl, llamafactory
 from lorakit.train.foreign.mapping import Mapper, Row, apply
+from lorakit.train.methods import METHOD_NAMES
 
 DIALECTS = {"axolotl": axolotl, "llamafactory": llamafactory}
-OUR_SECTIONS = ("lora", "data", "train", "eval", "register")
+OUR_SECTIONS = (*METHOD_NAMES, "data", "train", "eval", "register")
 
 
 @dataclass
