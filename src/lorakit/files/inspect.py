@@ -52,15 +52,17 @@ def describe(directory: str | os.PathLike) -> dict:
 def config_line(adapter: dict) -> str:
     """One line for `lorakit inspect` and report.md: the method and the fields that say most about it."""
     kind = adapter.get("peft_type", "LORA")
-    keys = {"LORA": ("r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights"),
-            "IA3": ("target_modules", "feedforward_modules"),
-            "ADALORA": ("init_r", "target_r", "total_step", "tinit", "tfinal", "target_modules"),
-            "BOTTLENECK": ("architecture", "reduction_factor", "non_linearity"),
-            }.get(kind, ("num_virtual_tokens",))
-    text = ", ".join(f"{key} {adapter.get(key)}" for key in keys)
     if kind == "LORA":
-        text += (", DoRA" if adapter.get("use_dora") else "") + (", rsLoRA" if adapter.get("use_rslora") else "")
-    return f"{kind}: {text}"
+        return (f"LoRA r={adapter['r']}, alpha={adapter['lora_alpha']}, dropout {adapter['lora_dropout']}, targets "
+                f"{adapter['target_modules']}, init {adapter['init_lora_weights']}"
+                + (", DoRA" if adapter.get("use_dora") else "") + (", rsLoRA" if adapter.get("use_rslora") else ""))
+    keys = {"IA3": ("target_modules", "feedforward_modules"),
+            "ADALORA": ("init_r", "target_r", "lora_alpha", "total_step", "tinit", "tfinal", "target_modules"),
+            "BOTTLENECK": ("architecture", "reduction_factor", "non_linearity", "residual"),
+            "P_TUNING": ("num_virtual_tokens", "encoder_reparameterization_type", "encoder_hidden_size"),
+            "PREFIX_TUNING": ("num_virtual_tokens", "prefix_projection"),
+            }.get(kind, ("num_virtual_tokens", "prompt_tuning_init"))
+    return f"{kind} " + ", ".join(f"{key}={adapter.get(key)}" for key in keys)
 
 
 def to_json(info: dict) -> str:
