@@ -98,7 +98,7 @@ def run_side(side: str, method: str, steps: int) -> None:
                                lr=config.train.learning_rate, weight_decay=config.train.weight_decay)
     trainer = trainer_cls(model=model, args=training_arguments(config, has_eval=False), train_dataset=train,
                           data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
-                          callbacks=[RankAllocation(model)])
+                          callbacks=[RankAllocation(model)] if method == "adalora" else [])
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

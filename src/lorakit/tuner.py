@@ -111,13 +111,24 @@ class LoraModel(nn.Module):
                                         "(stack one with layer adapters such as LoRA instead).")
             names = virtual[:1] * inputs.shape[0]
         else:
+            if routing.per_token and routing.virtual_placed:
+                return None  # the engine put each sequence's virtual tokens in place (serve/virtual.py)
             if routing.per_token and any(name in self.prompt_encoder for name in routing.names):
                 raise AdapterStateError("Virtual-token adapters choose per row (adapter_names=[...] per row), not per "
-                                        "token of a packed batch.")
+                                        "token of a packed batch (unless the packer places them: serve/virtual.py).")
             names = routing.names
         rows = [RowTokens(self.prompt_encoder[n], self.adapter_set.configs[n]) if n in self.prompt_encoder else None
                 for n in names]
         return rows if any(rows) else None
+
+    def virtual_tokens(self, name: str) -> tuple[str, torch.Tensor, object] | None:
+        """(places, tokens, config) of a virtual-token adapter, None for any other: for a packer that puts
+        them in place itself (the engine)."""
+        if name not in self.prompt_encoder:
+            return None
+        with torch.no_grad():
+            encoder = self.prompt_encoder[name]
+            return encoder.places, encoder.virtual_tokens().detach(), self.adapter_set.configs[name]
 
     def _generate_with_virtual_tokens(self, rows, input_ids, args, kwargs):
         """generate() from the extended inputs: the embeddings go in as `inputs_embeds` behind one masked

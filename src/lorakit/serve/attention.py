@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ class StepPlan:
     decode_tables: torch.Tensor  # (n, max_blocks) block tables, padded with block 0
     decode_mask: torch.Tensor  # (n, 1, 1, max_blocks·block_size) True where a key is valid
     prefills: list[PrefillChunk]
+    # cache slots whose keys and values are given, not computed (a prefix: serve/virtual.py):
+    # (blocks, offsets, keys per layer, values per layer), written right after the step's own
+    fixed: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
 
 
 _plan: ContextVar[StepPlan | None] = ContextVar("lorakit_step_plan", default=None)
@@ -82,6 +85,9 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     k_cache, v_cache = plan.cache.k[module.layer_idx], plan.cache.v[module.layer_idx]
     k_cache[plan.write_blocks, plan.write_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
     v_cache[plan.write_blocks, plan.write_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
+    for blocks, offsets, keys, values in plan.fixed:
+        k_cache[blocks, offsets] = keys[module.layer_idx].to(k_cache.dtype)
+        v_cache[blocks, offsets] = values[module.layer_idx].to(v_cache.dtype)
     q = query[0]  # (heads, T, d)
     out = q.new_empty(q.shape[1], q.shape[0], q.shape[2])  # (T, heads, d)
     if len(plan.decode_tokens):

@@ -37,6 +37,7 @@ from lorakit.serve.outputs import RequestOutput, output_of, settle
 from lorakit.serve.packing import pack
 from lorakit.serve.sampling import SamplingParams, generator_for, sample
 from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
+from lorakit.serve.virtual import VirtualTokens
 
 _log = logging.getLogger(__name__)
 _RATE_WINDOW_S = 10.0  # tokens_per_s in stats(): over the steps of the last 10 s
@@ -96,6 +97,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.eos_ids = set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
         self.adapters = AdapterCache(model, max_cpu_loras)
+        self.virtual = VirtualTokens(model)  # soft prompts and prefixes of the loaded adapters (serve/virtual.py)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras, self._bind)
         self.steps = 0
         self.tokens_out = 0
@@ -125,6 +127,8 @@ class Engine:
         seq = Sequence(ids, sampling, adapter, generator_for(sampling))
         if adapter is not None:  # unknown names and failed loads raise here, before the request is queued
             seq.version = self.adapters.acquire(adapter) or BASE_ADAPTER
+            seq.virtual = self.virtual.count(seq.version) if seq.version != BASE_ADAPTER else 0
+            self.check_length(seq.virtual + len(ids), sampling.max_tokens)
         self._arrivals.append(seq)
         self._wake.set()
         return RequestHandle(self, seq)
@@ -177,7 +181,12 @@ class Engine:
             return False
         if version is None:
             return False
-        seq.version = version
+        seq.version, seq.virtual = version, self.virtual.count(version)
+        if seq.virtual + len(seq.prompt_ids) + seq.params.max_tokens > self.max_model_len:
+            seq.error = str(ContextLengthError(seq.virtual + len(seq.prompt_ids), seq.params.max_tokens,
+                                               self.max_model_len))
+            self._finish(seq, "error")
+            return False
         return True
 
     # -- the step loop ---------------------------------------------------------------------------
@@ -224,11 +233,18 @@ class Engine:
         """One forward over the packed step (packing.py); the logits of the positions that sample."""
         step = pack(batch, self.cache)
         device = self.cache.k[0].device
+        virtual = self.virtual.plan(batch, self.cache.block_size, device)
+        step.plan.fixed = virtual.fixed
+        routing = Routing(step.names, per_token=True, virtual_placed=True)
+        inputs = {"input_ids": torch.tensor([step.ids], device=device)}
         with torch.no_grad(), attention.step_plan(step.plan):
-            out = self.model(input_ids=torch.tensor([step.ids], device=device),
-                             position_ids=torch.tensor([step.positions], device=device), use_cache=False,
-                             adapter_names=Routing(step.names, per_token=True),
-                             logits_to_keep=torch.tensor(step.keep, device=device))
+            if virtual.embed_rows:  # soft prompts: their embeddings in their slots (under the step's routing)
+                with self.model.base_model.running(routing):
+                    embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
+                rows = torch.tensor(virtual.embed_rows, device=device)
+                inputs["inputs_embeds"] = embeds.index_copy(1, rows, torch.stack(virtual.embeds)[None].to(embeds.dtype))
+            out = self.model(**inputs, position_ids=torch.tensor([step.positions], device=device), use_cache=False,
+                             adapter_names=routing, logits_to_keep=torch.tensor(step.keep, dtype=torch.long, device=device))
         return out.logits[0]
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:

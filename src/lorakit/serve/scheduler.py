@@ -43,6 +43,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     computed: int = 0  # tokens whose K/V are in the cache
+    virtual: int = 0  # leading slots of a virtual-token adapter (soft prompt / prefix), before the prompt
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -55,7 +56,9 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """What occupies the sequence's positions: its adapter's virtual slots (placeholder id 0; the engine
+        puts the soft prompt's embeddings or the prefix's keys and values there), the prompt, the output."""
+        return [0] * self.virtual + self.prompt_ids + self.output_ids
 
     @property
     def finished(self) -> bool:

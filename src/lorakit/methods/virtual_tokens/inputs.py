@@ -101,6 +101,13 @@ def extend_call(model: nn.Module, rows: Sequence[RowTokens | None], input_ids: t
     return input_ids, labels, kwargs
 
 
+def prefix_layers(tokens: torch.Tensor, config: Any) -> torch.Tensor:
+    """A prefix's (n, layers·2·dim) table as (layers·2, n, heads, head_dim), token-major: layer l's keys at
+    2l, its values at 2l + 1 (PEFT's order)."""
+    heads = config.num_attention_heads
+    return tokens.view(tokens.shape[0], config.num_layers * 2, heads, config.token_dim // heads).transpose(0, 1)
+
+
 def _prefix_cache(model: nn.Module, prefixes: list[tuple[RowTokens, list[int]]], batch: int, device: torch.device,
                   offsets: torch.Tensor):
     """A transformers DynamicCache holding each prefix row's keys and values, right-aligned in P slots."""
@@ -115,8 +122,7 @@ def _prefix_cache(model: nn.Module, prefixes: list[tuple[RowTokens, list[int]]],
     cache_mask = torch.zeros(batch, slots, dtype=torch.long, device=device)
     for row, idx in prefixes:
         n = row.config.num_virtual_tokens
-        # (n, layers·2·dim) → (layers·2, heads, n, head_dim): keys of layer l at 2l, values at 2l + 1 (PEFT's order)
-        kv = row.encoder.virtual_tokens().to(dtype).view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
+        kv = prefix_layers(row.encoder.virtual_tokens().to(dtype), row.config).transpose(1, 2)  # (2L, heads, n, hd)
         index = torch.tensor(idx, device=device)
         where = (index[:, None, None], torch.arange(heads, device=device)[None, :, None],
                  torch.arange(slots - n, slots, device=device)[None, None, :])
