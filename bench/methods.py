@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
+
 from harness import emit, peak_rss_mb, progress, reset_peak_rss, side_in_subprocess
 
 SCRIPT = Path(__file__).resolve()
