@@ -276,7 +276,12 @@ class LoraModel(nn.Module):
         """The adapter's parameters under its file names, to copy a checkpoint into (resume)."""
         config = self.adapter_set.configs[adapter_name]
         if not acts_on_inputs(config):
-            return adapter_tensors(self.model, adapter_name, config)
+            tensors = adapter_tensors(self.model, adapter_name, config)
+            if not all(isinstance(t, nn.Parameter) for t in tensors.values()):
+                raise AdapterStateError(f"Adapter {adapter_name!r} ({config.peft_type}) is saved in a reduced form "
+                                        "(AdaLoRA: the kept ranks only), which a run cannot resume from; the "
+                                        "allocator's scores are not in a checkpoint either. Start the run again.")
+            return tensors
         encoder = self.prompt_encoder[adapter_name]
         if len(list(encoder.parameters())) != 1:
             raise AdapterStateError(f"Adapter {adapter_name!r} ({config.peft_type}) trains an encoder whose weights "
