@@ -46,7 +46,7 @@ METHODS = {
 NO_PEFT = {"bottleneck"}
 
 
-def job_config(method: str, steps: int, out: str):
+def job_config(method: str, steps: int, out: str, seed: int | None = None):
     from lorakit.train.config import load_job_config
 
     lr, section = METHODS[method]
@@ -58,7 +58,7 @@ def job_config(method: str, steps: int, out: str):
         path = Path(out) / "job.yaml"
         path.write_text(yaml.safe_dump(raw))
     return load_job_config(path, [f"train.max_steps={steps}", f"train.learning_rate={lr}", f"output_dir={out}",
-                                  "train.save_steps=100000"])
+                                  "train.save_steps=100000", *([f"train.seed={seed}"] if seed is not None else [])])
 
 
 def peft_model(config, base, steps: int):
@@ -71,7 +71,7 @@ def peft_model(config, base, steps: int):
     return peft.get_peft_model(base, cls(**fields))
 
 
-def run_side(side: str, method: str, steps: int) -> None:
+def run_side(side: str, method: str, steps: int, seed: int | None = None) -> None:
     from transformers import Trainer, set_seed
 
     import lorakit
@@ -85,7 +85,7 @@ def run_side(side: str, method: str, steps: int) -> None:
 
     reset_peak_rss()
     out = tempfile.mkdtemp(prefix=f"bench-methods-{method}-{side}-")
-    config = job_config(method, steps, out)
+    config = job_config(method, steps, out, seed)
     tokenizer = load_tokenizer(config.model)
     train, held_out = build_data(config, tokenizer)
     set_seed(config.train.seed)
@@ -122,14 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=list(METHODS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=None, help="train.seed (default: the demo's, 0)")
     args = parser.parse_args(argv)
     if args.side:
-        return run_side(args.side, args.method, args.steps)
+        return run_side(args.side, args.method, args.steps, args.seed)
     results, ratios = {}, {}
     for method in args.methods:
         for side in ("lorakit", *(() if method in NO_PEFT else ("peft",))):
             progress(f"{method} / {side}")
-            r = side_in_subprocess(SCRIPT, side, "--method", method, "--steps", str(args.steps))
+            seed = () if args.seed is None else ("--seed", str(args.seed))
+            r = side_in_subprocess(SCRIPT, side, "--method", method, "--steps", str(args.steps), *seed)
             results[f"{method}/{side}"] = {
                 "demo_contains": round(r["demo"]["contains"], 3), "held_out_contains": round(r["held_out"]["contains"], 3),
                 "demo_loss": round(r["demo"]["loss"], 4), "held_out_loss": round(r["held_out"]["loss"], 4),
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             ratios[f"{method}_demo_contains_minus_peft"] = ours["demo_contains"] - theirs["demo_contains"]
             ratios[f"{method}_rss_vs_peft"] = ours["peak_rss_mb"] / theirs["peak_rss_mb"]
     command = "python bench/methods.py " + " ".join(sys.argv[1:])
-    emit("methods", command.strip(), {"task": "demo.yaml; demo = its training facts, held_out = demo_eval.jsonl",
-                                      "steps": args.steps, "learning_rates": {m: METHODS[m][0] for m in args.methods}},
+    emit("methods" if args.seed is None and args.methods == list(METHODS) else "methods_subset", command.strip(), {"task": "demo.yaml; demo = its training facts, held_out = demo_eval.jsonl",
+                                      "steps": args.steps, "seed": args.seed or 0, "learning_rates": {m: METHODS[m][0] for m in args.methods}},
          results, ratios)
 
 

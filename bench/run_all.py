@@ -32,6 +32,7 @@ BENCHMARKS = [
     ("ddp_scaling.py", []),
     ("demo_quality.py", []),
     ("demo_quality.py", ["--variants", "--steps", "4", "10"]),
+    ("methods.py", []),
 ]
 
 
@@ -53,7 +54,25 @@ def write_doc(reports: list[dict]) -> None:
     DOC.write_text(f"{head}{BEGIN}\n{table(reports)}\n{END}{tail}")
 
 
+def update_rows(names: list[str]) -> None:
+    """Replace (or append) the table rows of these benchmarks from bench/results/<name>.json, keeping the
+    others: `python bench/run_all.py --update methods` after running one benchmark on its own."""
+    text = DOC.read_text()
+    head, _, rest = text.partition(BEGIN)
+    body, _, tail = rest.partition(END)
+    lines = body.strip().splitlines()
+    header, rows = lines[:2], lines[2:]
+    fresh = {name: table([json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())]).splitlines()[-1]
+             for name in names}
+    kept = [row if row.split("|")[1].strip() not in fresh else fresh.pop(row.split("|")[1].strip()) for row in rows]
+    DOC.write_text(f"{head}{BEGIN}\n" + "\n".join([*header, *kept, *fresh.values()]) + f"\n{END}{tail}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--update"]:
+        update_rows(sys.argv[2:])
+        print(f"updated {DOC.relative_to(ROOT)}")
+        return
     reports = []
     for script, args in BENCHMARKS:
         print(f"== {script} {' '.join(args)}", flush=True)

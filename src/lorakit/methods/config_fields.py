@@ -131,3 +131,24 @@ def compile_regex(field_name: str, pattern: str) -> re.Pattern:
         return re.compile(pattern)
     except re.error as exc:
         raise ConfigError(f"{field_name}: {pattern!r} is not a valid regular expression ({exc}).") from None
+
+
+def check_target_fields(config) -> None:
+    """Normalise the targeting fields every layer method shares (target_modules, exclude_modules,
+    layers_pattern, modules_to_save) and the task type, in place; raises ConfigError naming the field."""
+    config.target_modules = names_or_regex("target_modules", config.target_modules)
+    config.exclude_modules = names_or_regex("exclude_modules", config.exclude_modules)
+    config.layers_pattern = names_or_regex("layers_pattern", config.layers_pattern)
+    if config.modules_to_save is not None:
+        config.modules_to_save = name_list("modules_to_save", config.modules_to_save)
+    config.task_type = check_task_type(config.task_type)
+
+
+def config_dict(config) -> dict[str, Any]:
+    """The dict PEFT writes as adapter_config.json: peft_type and every field (a target list sorted, as
+    PEFT writes its set). `dataclasses.fields`, not `__dataclass_fields__`: it leaves out the ClassVars."""
+    out: dict[str, Any] = {"peft_type": config.peft_type}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        out[field.name] = sorted(value) if field.name == "target_modules" and isinstance(value, list) else value
+    return out

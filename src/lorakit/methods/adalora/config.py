@@ -12,17 +12,15 @@ tensors on load.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError
 from lorakit.methods.config_fields import (
-    check_task_type,
+    check_target_fields,
+    config_dict,
     is_int,
     is_number,
-    name_list,
-    names_or_regex,
     peft_dict_fields,
     reject_unknown_fields,
 )
@@ -90,12 +88,7 @@ class AdaLoraConfig:
             raise ConfigError(f"target_r ({self.target_r}) cannot exceed init_r ({self.init_r}): AdaLoRA only prunes.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be none, all or lora_only, got {self.bias!r}.")
-        self.target_modules = names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
-        self.layers_pattern = names_or_regex("layers_pattern", self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
-        self.task_type = check_task_type(self.task_type)
+        check_target_fields(self)
         if self.rank_pattern is not None and not (isinstance(self.rank_pattern, dict) and all(
                 isinstance(v, list) and len(v) == self.init_r and all(isinstance(b, bool) for b in v)
                 for v in self.rank_pattern.values())):
@@ -116,11 +109,7 @@ class AdaLoraConfig:
         return sum(kept) if kept is not None else self.init_r
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"peft_type": self.peft_type}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = sorted(value) if field.name == "target_modules" and isinstance(value, list) else value
-        return out
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> AdaLoraConfig:

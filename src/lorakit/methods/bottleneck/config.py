@@ -14,16 +14,14 @@ its limit; `init_weights=False` draws W_up at random instead).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError
 from lorakit.methods.config_fields import (
-    check_task_type,
+    check_target_fields,
+    config_dict,
     is_int,
-    name_list,
-    names_or_regex,
     peft_dict_fields,
     reject_unknown_fields,
 )
@@ -76,19 +74,14 @@ class BottleneckConfig:
         for flag in ("residual", "init_weights", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
-        self.target_modules = names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
-        self.layers_pattern = names_or_regex("layers_pattern", self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
-        self.task_type = check_task_type(self.task_type)
+        check_target_fields(self)
 
     @property
     def default_targets(self) -> dict[str, list[str]]:
         return PLACEMENT[self.architecture]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type} | {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> BottleneckConfig:

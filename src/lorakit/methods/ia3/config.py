@@ -12,9 +12,8 @@ from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError
 from lorakit.methods.config_fields import (
-    check_task_type,
+    check_target_fields,
     is_int,
-    name_list,
     names_or_regex,
     peft_dict_fields,
     reject_unknown_fields,
@@ -58,13 +57,8 @@ class IA3Config:
     bias: ClassVar[str] = "none"  # (IA)³ trains no biases
 
     def __post_init__(self) -> None:
-        self.target_modules = names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
+        check_target_fields(self)
         self.feedforward_modules = names_or_regex("feedforward_modules", self.feedforward_modules)
-        self.layers_pattern = names_or_regex("layers_pattern", self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
-        self.task_type = check_task_type(self.task_type)
         for flag in ("fan_in_fan_out", "init_ia3_weights", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")

@@ -15,7 +15,6 @@ field and what is allowed; an unknown field names the closest valid one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,12 +22,12 @@ from typing import Any, ClassVar
 
 from lorakit.errors import ConfigError, closest
 from lorakit.methods.config_fields import (
+    check_target_fields,
     check_task_type,
     compile_regex,
+    config_dict,
     is_int,
     is_number,
-    name_list,
-    names_or_regex,
     peft_dict_fields,
     reject_unknown_fields,
 )
@@ -105,11 +104,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_choices()
-        self.target_modules = names_or_regex("target_modules", self.target_modules)
-        self.exclude_modules = names_or_regex("exclude_modules", self.exclude_modules)
-        self.layers_pattern = names_or_regex("layers_pattern", self.layers_pattern)
-        if self.modules_to_save is not None:
-            self.modules_to_save = name_list("modules_to_save", self.modules_to_save)
+        check_target_fields(self)
         self._check_layers()
         self._check_patterns()
 
@@ -187,11 +182,7 @@ class LoraConfig:
     # -- PEFT's adapter_config.json -----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The dict PEFT writes as adapter_config.json (PEFT reads it back unchanged)."""
-        out: dict[str, Any] = {"peft_type": PEFT_TYPE}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = sorted(value) if f.name == "target_modules" and isinstance(value, list) else value
-        return out
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> LoraConfig:

@@ -8,14 +8,13 @@ grouped-query model, the prefix holds keys and values for the *key-value* heads,
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.methods.config_fields import check_task_type, is_int, peft_dict_fields
+from lorakit.methods.config_fields import check_task_type, config_dict, is_int, peft_dict_fields
 
 
 @dataclass
@@ -78,7 +77,7 @@ class VirtualTokenConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The dict PEFT writes as adapter_config.json."""
-        return {"peft_type": self.peft_type} | {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return config_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False):
