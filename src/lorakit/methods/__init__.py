@@ -5,7 +5,7 @@ bookkeeping (`base_layer.py`) and whole-module copies (`modules_to_save.py`)."""
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
-__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "inner_module"]
+__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "inner_module", "no_weight_conversion"]
 
 
 def inner_module(module):
@@ -14,3 +14,11 @@ def inner_module(module):
     while isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
         module = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
     return module
+
+
+def no_weight_conversion(method: str):
+    """The `convert_weight_init` error of a method that takes nothing out of the base weight (all but PiSSA/OLoRA)."""
+    from lorakit.errors import ConfigError
+
+    return ConfigError(f"{method} adapters take nothing out of the base weight; save them without "
+                       "path_initial_model_for_weight_conversion.")

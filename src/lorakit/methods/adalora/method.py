@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
-from lorakit.methods import inner_module
+from lorakit.methods import inner_module, no_weight_conversion
 from lorakit.methods.adalora.allocator import RankAllocator
 from lorakit.methods.adalora.config import AdaLoraConfig
 from lorakit.methods.adalora.layer import SVDLinear
@@ -72,8 +72,7 @@ class AdaLoraMethod:
         return None
 
     def convert_weight_init(self, tensors, config, initial, source):
-        raise ConfigError("AdaLoRA adapters take nothing out of the base weight; save them without "
-                          "path_initial_model_for_weight_conversion.")
+        raise no_weight_conversion("AdaLoRA")
 
     def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
         raise ConfigError(f"Adapters {adapters} are AdaLoRA adapters; add_weighted_adapter blends LoRA adapters "

@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
-from lorakit.methods import inner_module
+from lorakit.methods import inner_module, no_weight_conversion
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.bottleneck.config import BottleneckConfig
 from lorakit.methods.bottleneck.layer import BottleneckLinear
@@ -71,8 +71,7 @@ class BottleneckMethod:
         return None
 
     def convert_weight_init(self, tensors, config, initial, source):
-        raise ConfigError("Bottleneck adapters take nothing out of the base weight; save them without "
-                          "path_initial_model_for_weight_conversion.")
+        raise no_weight_conversion("Bottleneck")
 
     def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
         raise ConfigError(f"Adapters {adapters} are bottleneck adapters; add_weighted_adapter blends LoRA adapters. "

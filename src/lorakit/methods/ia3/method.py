@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.methods import inner_module
+from lorakit.methods import inner_module, no_weight_conversion
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.ia3.config import DEFAULT_FEEDFORWARD, IA3Config
 from lorakit.methods.ia3.layer import IA3Linear
@@ -71,8 +71,7 @@ class IA3Method:
         return None
 
     def convert_weight_init(self, tensors, config, initial, source):
-        raise ConfigError("(IA)³ adapters take nothing out of the base weight; save them without "
-                          "path_initial_model_for_weight_conversion.")
+        raise no_weight_conversion("(IA)³")
 
     def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
         raise ConfigError(f"Adapters {adapters} are not LoRA adapters (IA3); add_weighted_adapter blends LoRA adapters, "

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError, MergeError
+from lorakit.methods import no_weight_conversion
 from lorakit.methods.p_tuning.config import PromptEncoderConfig
 from lorakit.methods.p_tuning.encoder import PromptEncoder
 from lorakit.methods.prefix_tuning.config import PrefixTuningConfig
@@ -68,8 +69,7 @@ class VirtualTokenMethod:
                           "into. Keep it as an adapter (it serves beside the others in one batch).")
 
     def convert_weight_init(self, tensors, config, initial, source):
-        raise ConfigError(f"{self.peft_type} adapters take nothing out of the base weight; save them without "
-                          "path_initial_model_for_weight_conversion.")
+        raise no_weight_conversion(self.peft_type)
 
     def add_weighted_adapter(self, model, adapters, weights, adapter_name, combination_type, svd_rank) -> None:
         raise ConfigError(f"Adapters {adapters} are {self.peft_type} adapters; add_weighted_adapter blends LoRA "
