@@ -215,6 +215,9 @@ def test_refusals():
     with pytest.raises(AdapterStateError, match="per row"):
         model(input_ids=torch.ones(1, 3, dtype=torch.long),
               adapter_names=lorakit.routing.Routing(["prompt", "lora", "lora"], per_token=True))
+    model.set_adapter("prefix")
+    with pytest.raises(AdapterStateError, match="num_beams=1"):
+        model.generate(input_ids=torch.ones(1, 3, dtype=torch.long), num_beams=2, max_new_tokens=2)
     with pytest.raises(ConfigError, match="num_virtual_tokens"):
         lorakit.PromptTuningConfig()
     with pytest.raises(ConfigError, match="prompt_tuning_init_text"):
