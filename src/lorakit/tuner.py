@@ -14,7 +14,6 @@ Also here, because they walk every layer: merging all-or-nothing, and which para
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 from lorakit.methods.registry import acts_on_inputs, method_of, method_of_layer
 from lorakit.methods.virtual_tokens.encoders import VirtualTokenEncoders
-from lorakit.methods.virtual_tokens.inputs import RowTokens, cache_keyword, extend_call
+from lorakit.methods.virtual_tokens.inputs import RowTokens, extend_call, generate_extended
 from lorakit.routing import Routing, adapter_routing, current_routing, gradient_checkpointing_on
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
@@ -96,7 +95,7 @@ class LoraModel(nn.Module):
             rows = self.virtual_rows(input_ids if input_ids is not None else kwargs.get("inputs_embeds"))
             if rows is None:
                 return self.model.generate(*args, **kwargs) if args else self.model.generate(input_ids=input_ids, **kwargs)
-            return self._generate_with_virtual_tokens(rows, input_ids, args[1:], kwargs)
+            return generate_extended(self.model, rows, input_ids, args[1:], kwargs)
 
     def virtual_rows(self, inputs) -> list[RowTokens | None] | None:
         """Each row's virtual-token adapter for this call (from the routing, else the active adapters),
@@ -129,28 +128,6 @@ class LoraModel(nn.Module):
         with torch.no_grad():
             encoder = self.prompt_encoder[name]
             return encoder.places, encoder.virtual_tokens().detach(), self.adapter_set.configs[name]
-
-    def _generate_with_virtual_tokens(self, rows, input_ids, args, kwargs):
-        """generate() from the extended inputs: the embeddings go in as `inputs_embeds` behind one masked
-        slot per cache slot (so generate's cache bookkeeping counts them), the prefix as the cache; the
-        positions come from the attention mask (generate's rule). Returns input_ids + new tokens, as PEFT."""
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1 or \
-                (kwargs.get("num_return_sequences") or 1) > 1:
-            raise AdapterStateError("generate with virtual-token adapters runs one sequence per row (num_beams=1, "
-                                    "num_return_sequences=1); repeat the rows instead.")
-        _, _, call = extend_call(self.model, rows, input_ids, None, dict(kwargs))
-        call.pop("position_ids")
-        embeds = call.pop("inputs_embeds", None)
-        if embeds is None:
-            embeds = self.model.get_input_embeddings()(input_ids)
-        cache = call.pop(cache_keyword(self.model), None)
-        if cache is not None:
-            embeds = torch.cat([embeds.new_zeros(embeds.shape[0], cache.get_seq_length(), embeds.shape[-1]), embeds], 1)
-            generate_params = inspect.signature(self.model.prepare_inputs_for_generation).parameters
-            call["cache" if "cache" in generate_params else "past_key_values"] = cache
-        new_tokens = self.model.generate(*args, inputs_embeds=embeds, **call)
-        return torch.cat([input_ids, new_tokens], dim=1) if input_ids is not None else new_tokens
 
     def __getattr__(self, name: str):
         try:

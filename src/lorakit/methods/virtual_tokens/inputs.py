@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.errors import AdapterStateError
 from lorakit.fused_loss import IGNORE_INDEX
 
 
@@ -99,6 +100,30 @@ def extend_call(model: nn.Module, rows: Sequence[RowTokens | None], input_ids: t
         positions = torch.cat([virtual_positions, positions], dim=1)
     kwargs["position_ids"] = positions
     return input_ids, labels, kwargs
+
+
+def generate_extended(model: nn.Module, rows: Sequence[RowTokens | None], input_ids: torch.Tensor | None, args: tuple,
+                      kwargs: dict) -> torch.Tensor:
+    """generate() from the extended inputs: the embeddings go in as `inputs_embeds` behind one masked
+    slot per cache slot (so generate's cache bookkeeping counts them), the prefix as the cache; the
+    positions come from the attention mask (generate's rule). Returns input_ids + new tokens, as PEFT."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) > 1 or \
+            (kwargs.get("num_return_sequences") or 1) > 1:
+        raise AdapterStateError("generate with virtual-token adapters runs one sequence per row (num_beams=1, "
+                                "num_return_sequences=1); repeat the rows instead.")
+    _, _, call = extend_call(model, rows, input_ids, None, dict(kwargs))
+    call.pop("position_ids")
+    embeds = call.pop("inputs_embeds", None)
+    if embeds is None:
+        embeds = model.get_input_embeddings()(input_ids)
+    cache = call.pop(cache_keyword(model), None)
+    if cache is not None:
+        embeds = torch.cat([embeds.new_zeros(embeds.shape[0], cache.get_seq_length(), embeds.shape[-1]), embeds], 1)
+        generate_params = inspect.signature(model.prepare_inputs_for_generation).parameters
+        call["cache" if "cache" in generate_params else "past_key_values"] = cache
+    new_tokens = model.generate(*args, inputs_embeds=embeds, **call)
+    return torch.cat([input_ids, new_tokens], dim=1) if input_ids is not None else new_tokens
 
 
 def prefix_layers(tokens: torch.Tensor, config: Any) -> torch.Tensor:
