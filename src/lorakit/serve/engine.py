@@ -127,8 +127,9 @@ class Engine:
         seq = Sequence(ids, sampling, adapter, generator_for(sampling))
         if adapter is not None:  # unknown names and failed loads raise here, before the request is queued
             seq.version = self.adapters.acquire(adapter) or BASE_ADAPTER
-            seq.virtual = self.virtual.count(seq.version) if seq.version != BASE_ADAPTER else 0
-            self.check_length(seq.virtual + len(ids), sampling.max_tokens)
+            seq.virtual = self.virtual.count(seq.version)  # 0 for the base and layer adapters
+            if seq.virtual:
+                self.check_length(seq.virtual + len(ids), sampling.max_tokens)
         self._arrivals.append(seq)
         self._wake.set()
         return RequestHandle(self, seq)

@@ -50,14 +50,13 @@ class VirtualTokenMethod:
         return {TENSOR: (config.num_virtual_tokens * config.num_transformer_submodules, self.width(config))}
 
     def new_encoder(self, model: nn.Module, config: Any, tensors: dict[str, torch.Tensor] | None) -> nn.Module:
-        device = model.get_input_embeddings().weight.device
         if tensors is None:
             return self._new_encoder(model, config)
         if self._reparameterised(config) and not config.inference_mode:
             warnings.warn(f"{self.peft_type}: the file holds the trained virtual tokens, not the encoder that made "
                           "them; training continues on the tokens themselves (PEFT would run them through a new, "
                           "untrained encoder).", stacklevel=4)
-        return VirtualTokenTable(tensors[TENSOR], self.places, device)
+        return VirtualTokenTable(tensors[TENSOR], self.places, _device(model))
 
     def model_tensors(self, encoder: nn.Module) -> dict[str, torch.Tensor]:
         with torch.no_grad():
