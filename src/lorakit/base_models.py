@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.filemode import publish_tree
 from lorakit.quant import bnb_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -201,6 +202,7 @@ def write_model_dir(target: Path, write, overwrite: bool = False) -> None:
     retired = target.parent / f".{target.name}.old-{staging.name}"
     try:
         write(staging)
+        publish_tree(staging)
         check_replaceable(target, overwrite)  # another writer may have finished meanwhile
         if target.exists():
             os.replace(target, retired)

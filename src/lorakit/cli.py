@@ -337,6 +337,9 @@ def serve(
     registry_poll: float = typer.Option(2.0, help="Seconds between checks for promotions and rollbacks."),
     ui: bool = typer.Option(False, "--ui", help="Also serve the dashboard at /ui (this server, its registry)."),
     ui_runs: Path | None = typer.Option(None, help="With --ui: the folder of training runs the dashboard shows."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="With --ui: a Host name the dashboard answers "
+                                                                      "besides loopback and --host (repeatable)."),
+    max_request_mb: float = typer.Option(4.0, help="Largest request body in MiB; larger ones get 413."),
 ) -> None:
     """Serve the base model and many adapters over an OpenAI-compatible API, hot-swapped under load."""
     from lorakit.serve.server import ServeSettings, run
@@ -357,7 +360,7 @@ def serve(
         kv_cache_memory_mb=kv_cache_memory_mb, max_queue=max_queue, api_key=api_key or None,
         admin_key=admin_key or None, shutdown_timeout=shutdown_timeout, max_adapter_size_mb=max_adapter_size,
         registry=registry, registry_blobs=registry_blobs, registry_alias=registry_alias, registry_poll=registry_poll,
-        ui=ui, ui_runs=ui_runs)
+        ui=ui, ui_runs=ui_runs, allowed_hosts=allowed_host, max_request_mb=max_request_mb)
 
     def ready(state) -> None:
         adapters = len(state.engine.adapters.names())
@@ -376,6 +379,10 @@ def dashboard(
                                               help="The registry's blob store, with a database URL."),
     server: str | None = typer.Option(None, help="A running `lorakit serve`, e.g. http://127.0.0.1:8000."),
     server_api_key: str | None = typer.Option(None, envvar="LORAKIT_API_KEY", help="That server's inference key."),
+    api_key: str | None = typer.Option(None, envvar="LORAKIT_UI_KEY",
+                                       help="The dashboard's key (default: --server-api-key); pages ask for it once."),
+    allowed_host: list[str] = typer.Option([], "--allowed-host", help="A Host name to answer besides loopback and "
+                                                                      "--host (repeatable)."),
     admin_key: str | None = typer.Option(None, envvar="LORAKIT_ADMIN_KEY",
                                          help="Turns promote / rollback on; the page must send it."),
     data: Path | None = typer.Option(None, help="The folder eval files for promotion gates are taken from."),
@@ -386,6 +393,6 @@ def dashboard(
     from lorakit.ui.app import UISettings, run
 
     settings = UISettings(runs=runs, registry=registry, registry_blobs=registry_blobs, server=server,
-                          server_api_key=server_api_key or None, admin_key=admin_key or None, data=data, host=host,
-                          port=port)
+                          server_api_key=server_api_key or None, api_key=api_key or None, admin_key=admin_key or None,
+                          data=data, host=host, port=port, allowed_hosts=allowed_host)
     _or_exit(run, settings, lambda: typer.echo(f"lorakit ui: http://{host}:{port}/ (runs in {runs})", err=True))

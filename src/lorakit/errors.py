@@ -125,5 +125,9 @@ class RegistryNotFound(RegistryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class RegistryUnavailable(RegistryError):
+    """The registry's database cannot be reached right now (a server answers 503: retry later)."""
+
+
 class BlobIntegrityError(RegistryError):
     """A stored adapter's files no longer hash to the digest they were pushed with (tampered or damaged)."""

@@ -62,8 +62,13 @@ class Postgres:
             conn.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://lorakit@127.0.0.1:{self.port}/{name}"
 
+    def stop_server(self) -> None:
+        """Stop the server, keeping its files (an outage)."""
+        if (self.data / "postmaster.pid").exists():
+            self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
     def stop(self) -> None:
         try:
-            self._run(_binary("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self.stop_server()
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

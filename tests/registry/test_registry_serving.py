@@ -14,6 +14,7 @@ from registry_fixtures import backend, postgres, tiny  # noqa: F401 - fixtures
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from chat_model import QUESTION, peft_answer
+from lorakit.errors import BlobIntegrityError
 from lorakit.registry import Registry
 from lorakit.serve.process import ServerProcess
 
@@ -77,15 +78,21 @@ def test_two_servers_on_postgresql_switch_together_and_refuse_what_is_unsafe(pos
         data = bytearray(weights.read_bytes())
         data[-3] ^= 0xFF
         weights.write_bytes(bytes(data))
-        registry.promote(tampered.ref, "beta")
+        with pytest.raises(BlobIntegrityError):  # refused at promote: no server ever sees it as prod
+            registry.promote(tampered.ref, "prod")
+        registry.promote(other.ref, "prod", new_base=True)  # prod moves to a version these servers refuse ...
         time.sleep(3 * POLL + 1)
         for server in servers:
-            refused = _ask(server, "support:canary")
+            refused = _ask(server, "support:canary")  # a name that never had a good version: 400, and why
             assert refused.status_code == 400 and "another base" in refused.json()["error"]["message"], refused.text
             assert other.ref in refused.json()["error"]["message"]
-            broken = _ask(server, "support:beta")
+            broken = _ask(server, tampered.ref)
             assert broken.status_code == 400 and "does not match its digest" in broken.json()["error"]["message"]
-            assert _answer(server, "support") == answers["v1"]  # prod is untouched
+            assert str(blobs) not in broken.text  # the blob store's path is the server's business
+            assert _answer(server, "support") == answers["v1"]  # ... so they keep serving the last good one
+            cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            assert cards["support"]["registry"]["ref"] == "support@1"
+            assert "another base" in cards["support"]["registry"]["held_back"]
             assert _ask(server, "nothing-here").status_code == 404
     finally:
         for server in servers:
@@ -135,16 +142,49 @@ def test_train_push_promote_serve_retrain_on_a_new_base_promote_and_roll_back(ti
             _serve(tiny["other"], url, registry_dir / "blobs") as new:
         assert _answer(old, "facts") == answers[1]
         assert _ask(new, "facts").status_code == 400  # v1 belongs to the old base
-        cli("registry", "promote", "facts@2", "--to", "prod", "--registry", str(registry_dir))
+        refused = runner.invoke(app, ["registry", "promote", "facts@2", "--to", "prod", "--registry", str(registry_dir)])
+        assert refused.exit_code != 0 and "--new-base" in refused.output  # the base changes only when told
+        cli("registry", "promote", "facts@2", "--to", "prod", "--new-base", "--registry", str(registry_dir))
         _wait_for([new], "facts", answers[2])
+
+        def held_back(server: ServerProcess) -> str | None:
+            cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+            return cards["facts"]["registry"]["held_back"]
+
         deadline = time.monotonic() + BOUND
-        while _ask(old, "facts").status_code != 400 and time.monotonic() < deadline:
+        while held_back(old) is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert "another base" in _ask(old, "facts").json()["error"]["message"]
+        assert "another base" in held_back(old) and _answer(old, "facts") == answers[1]  # the last good version
         cli("registry", "rollback", "facts", "--alias", "prod", "--registry", str(registry_dir))
         _wait_for([old], "facts", answers[1])
         assert _answer(new, "facts@2") == answers[2]
     assert [e["action"] for e in registry.log("facts")] == ["push", "promote", "push", "promote", "rollback"]
+
+
+def test_a_registry_outage_answers_503_in_openais_shape_and_aliases_keep_serving(tiny, tmp_path):
+    from postgres import Postgres, unavailable
+
+    if unavailable() is not None:
+        pytest.skip(unavailable())
+    database = Postgres()  # its own server: this test stops it
+    try:
+        url, blobs = database.database("outage"), tmp_path / "blobs"
+        registry = Registry(url, blobs)
+        tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+        answer = peft_answer(tiny["base"], tiny["adapters"]["v1"], tokenizer)
+        registry.push("support", tiny["adapters"]["v1"], alias="prod")
+        registry.push("support", tiny["adapters"]["v2"])
+        registry.engine.dispose()
+        with _serve(tiny["model"], url, blobs) as server:
+            assert _answer(server, "support") == answer
+            database.stop_server()
+            reply = _ask(server, "support@2")  # a pinned version, looked up on first use: the database is down
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "registry_unavailable" and reply.headers["retry-after"]
+            assert _answer(server, "support") == answer  # what the server follows keeps serving
+            assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        database.stop()
 
 
 @pytest.fixture(autouse=True)

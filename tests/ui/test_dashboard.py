@@ -163,8 +163,32 @@ def served(dashboard_files):  # noqa: F811
         yield process
 
 
+def test_serve_ui_is_behind_the_servers_key_and_answers_only_its_own_host(served, page):  # noqa: F811
+    for path in ("/ui/", "/ui/adapters", "/ui/runs/lr-5e-3"):  # pages: to the sign-in form
+        reply = httpx.get(f"{served.url}{path}", follow_redirects=False)
+        assert reply.status_code == 303 and reply.headers["location"].startswith("/ui/login")
+    for path in ("/ui/api/server", "/ui/api/runs"):  # the server's roots and the runs: not without the key
+        assert httpx.get(f"{served.url}{path}").status_code == 401
+        assert httpx.get(f"{served.url}{path}", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert httpx.post(f"{served.url}/ui/api/server/chat", json={"adapter": "support-v1", "prompt": "hi"}).status_code == 401
+    rebound = httpx.get(f"{served.url}/ui/api/runs", headers={"Host": "attacker.example",
+                                                             "Authorization": f"Bearer {KEY}"})
+    assert rebound.status_code == 400 and "Host" in rebound.json()["error"]["message"]  # DNS rebinding
+    page.goto(f"{served.url}/ui/adapters")
+    page.fill("#login-key", "wrong")
+    page.click("#login-button")
+    assert "Wrong key" in page.inner_text("#login-error")
+    page.fill("#login-key", KEY)
+    page.click("#login-button")
+    page.wait_for_url(f"{served.url}/ui/adapters")  # back where it was going, with a session
+    assert page.errors == []
+
+
 def test_serve_ui_shows_the_live_server_and_the_playground_relays_both_answers(served, page, tmp_path):  # noqa: F811
     page.goto(f"{served.url}/ui/")
+    page.fill("#login-key", KEY)
+    page.click("#login-button")
+    page.wait_for_url(f"{served.url}/ui/")
     page.click("#runs-table a:has-text('lr-5e-3')")
     page.wait_for_url(f"{served.url}/ui/runs/lr-5e-3")  # links stay under the mount
     page.goto(f"{served.url}/ui/server")
@@ -174,12 +198,7 @@ def test_serve_ui_shows_the_live_server_and_the_playground_relays_both_answers(s
     page.select_option("#playground-adapter", "support-v2")
     page.fill("#playground textarea", QUESTION[0]["content"])
     page.fill("#playground input[name=max_tokens]", "6")
-    page.click("#playground-send")  # without the server's key: the relay is no way around it
-    page.wait_for_function("document.getElementById('answer-adapter').textContent.startsWith('error')")
-    assert "API key" in page.inner_text("#answer-adapter") and page.refused == [(401, "/ui/api/server/chat")]
-    page.refused.clear()
-    page.fill("#playground input[name=api_key]", KEY)
-    page.click("#playground-send")
+    page.click("#playground-send")  # the session was made from the server's own key: the relay needs no more
     page.wait_for_function("!['', '…'].includes(document.getElementById('answer-base').textContent)", timeout=60_000)
     shown = {side: page.inner_text(f"#answer-{side}") for side in ("adapter", "base")}
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -197,6 +216,6 @@ def test_serve_ui_shows_the_live_server_and_the_playground_relays_both_answers(s
     page.wait_for_function("document.getElementById('latency-chart').data[0].y.some(v => v > 0)", timeout=15_000)
     assert int(page.inner_text("#g-adapters")) >= 1
     screenshot(page, tmp_path, "server")
-    snapshot = httpx.get(f"{served.url}/ui/api/server").json()
+    snapshot = httpx.get(f"{served.url}/ui/api/server", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert sum(snapshot["metrics"]["requests"].values()) >= 4
     assert page.errors == [] and page.refused == []

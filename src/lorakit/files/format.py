@@ -43,6 +43,7 @@ from lorakit.errors import (
     ConfigError,
     PickleRefusedError,
 )
+from lorakit.filemode import publish_mode
 from lorakit.methods.registry import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -135,6 +136,7 @@ def write_adapter(directory: Path, config: Any, tensors: dict[str, torch.Tensor]
         save_file(tensors, staged[WEIGHTS_NAME], metadata=metadata)
         staged[CONFIG_NAME].write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
         for path in staged.values():
+            publish_mode(path)
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
         for name in (WEIGHTS_NAME, CONFIG_NAME):

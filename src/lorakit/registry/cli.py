@@ -24,12 +24,10 @@ JSON = typer.Option(False, "--json", help="Print JSON.")
 
 
 def open_registry(location: str | None, blobs: str | None):
-    from lorakit.registry.store import Registry, folder_location
+    """`Registry.open` (kept here for callers of the old path)."""
+    from lorakit.registry.store import Registry
 
-    if location and "://" not in location:  # a folder: the embedded registry in it
-        url, folder_blobs = folder_location(location)
-        return Registry(url, blobs or folder_blobs)
-    return Registry(location, blobs)
+    return Registry.open(location, blobs)
 
 
 def _run(function, *args):
@@ -125,19 +123,23 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
             eval_data: Path | None = typer.Option(None, "--eval", help="Held-out data the gates are measured on."),
             model: str | None = typer.Option(None, help="Base model for the eval (default: the adapter's recorded base)."),
             allow_regression: bool = typer.Option(False, help="Promote even if it scores below the alias's version."),
+            new_base: bool = typer.Option(False, help="REF was trained on another base than the alias's version, on "
+                                                      "purpose (the servers are moving to that base)."),
             max_examples: int | None = typer.Option(None, help="Eval examples (default: the job's eval.max_examples)."),
             registry: str | None = REGISTRY, blobs: str | None = BLOBS,
             as_json: bool = JSON) -> None:
     """Point an alias at REF — after its gates pass and it scores no worse than what the alias holds."""
-    from lorakit.registry.training import gated_promote
+    from lorakit.train.register import gated_promote
 
     def run():
         return gated_promote(open_registry(registry, blobs), ref, to, gate, eval_data, model, max_examples,
-                             allow_regression)
+                             allow_regression, new_base)
 
     result = _run(run)
     if as_json:
         _print(result, True)
+    elif not result["changed"]:
+        typer.echo(f"{ref.split('@')[0].split(':')[0]}:{to} is v{result['version']} already; nothing changed")
     else:
         previous = f" (was v{result['previous']})" if result["previous"] else ""
         typer.echo(f"{ref.split('@')[0].split(':')[0]}:{to} -> v{result['version']}{previous}")
@@ -181,9 +183,10 @@ def delete(ref: str, registry: str | None = REGISTRY, blobs: str | None = BLOBS,
 
 
 @app.command()
-def gc(registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
-    """Delete stored files no version refers to."""
-    result = _run(lambda: open_registry(registry, blobs).gc())
+def gc(grace: float = typer.Option(3600.0, help="Seconds: unfinished pushes younger than this are left alone."),
+       registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
+    """Delete stored files no version refers to (never those of a push in flight)."""
+    result = _run(lambda: open_registry(registry, blobs).gc(grace))
     if as_json:
         _print(result, True)
     else:
@@ -214,15 +217,16 @@ def check(base: str = typer.Option(..., "--base", help="A base model (alias or l
 def retrain(name: str, base: str = typer.Option(..., "--base", help="The new base model."),
             output_dir: Path | None = typer.Option(None, help="Where the run goes (default runs/<name>-retrain)."),
             alias: str | None = typer.Option(None, help="Point this alias at the new version."),
+            overwrite: bool = typer.Option(False, help="Replace an existing --output-dir (never a registered run)."),
             registry: str | None = REGISTRY, blobs: str | None = BLOBS, as_json: bool = JSON) -> None:
     """Re-run the recorded training config of NAME (or NAME@N, NAME:alias) on another base; push the result."""
     import contextlib
     import sys
 
-    from lorakit.registry.training import retrain as run_retrain
+    from lorakit.train.register import retrain as run_retrain
 
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON alone
-        info = _run(lambda: run_retrain(open_registry(registry, blobs), name, base, output_dir, alias))
+        info = _run(lambda: run_retrain(open_registry(registry, blobs), name, base, output_dir, alias, overwrite))
     if as_json:
         _print(info.to_dict(), True)
     else:

@@ -5,10 +5,16 @@
     registry.promote("support@2", "prod", gates=[Gate.parse("exact_match>=0.9")], evaluate=...)
     registry.rollback("support", "prod")       # back to the version prod held before
 
-Safety: a push writes the blob first and commits its row last, in one transaction with its
-audit entry, so a crash leaves at most an unreferenced blob (`gc` removes it), never a half
-version; version numbers are unique per adapter in the database, so concurrent pushes retry
-and get distinct numbers; every pull and every served blob is re-hashed against its digest.
+Safety: a push claims its digest (a pending row), writes the blob, and commits its version row
+last, in one transaction with its audit entry and the claim's removal — so a crash leaves at
+most an unreferenced blob (`gc` removes it), never a half version, and `gc` never removes the
+blob of a push in flight. Every change to one adapter's versions or aliases locks its adapter
+row first (a row lock on PostgreSQL, the write lock on SQLite), so a check and the change it
+guards (delete vs. a promote, the next version number) see the same state. Version numbers are
+never reused, even after the newest is deleted (the audit log remembers every push); every
+pull and every served blob is re-hashed against its digest; a promotion refuses a blob that
+no longer verifies and, unless told the base changed on purpose, a version trained on another
+base than the one the alias serves now.
 """
 
 from __future__ import annotations
@@ -22,19 +28,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import create_engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from lorakit.errors import RegistryError, RegistryNotFound
 from lorakit.files.fingerprint import compare, short_id
 from lorakit.files.format import read_adapter
-from lorakit.registry.blobs import BlobStore
-from lorakit.registry.gates import Gate, check_gates
+from lorakit.registry.blobs import BlobStore, folder_digest
+from lorakit.registry.gates import Gate
 from lorakit.registry.refs import Ref, check_name, parse_ref
-from lorakit.registry.tables import AdapterRow, AliasRow, AuditRow, Base, VersionRow, now
+from lorakit.registry.tables import AdapterRow, AliasRow, AuditRow, Base, PendingRow, VersionRow, now
 
 DEFAULT_ALIAS = "prod"
+GC_GRACE_S = 3600.0  # gc leaves claims and temporary folders younger than this: a push in flight owns them
+
+# evaluate(version, its verified folder) -> scores, for promotion gates and the regression check
+Evaluate = Callable[["VersionInfo", Path], dict]
 
 
 def default_location() -> tuple[str, str]:
@@ -85,6 +95,15 @@ class VersionInfo:
 
 
 class Registry:
+    @classmethod
+    def open(cls, location: str | None, blobs: str | None = None, actor: str | None = None) -> Registry:
+        """A registry from what a user types: a folder (the embedded SQLite registry in it), a database URL
+        (with `blobs`), or None ($LORAKIT_REGISTRY, else ~/.cache/lorakit/registry)."""
+        if location and "://" not in location:
+            url, folder_blobs = folder_location(location)
+            return cls(url, blobs or folder_blobs, actor)
+        return cls(location, blobs, actor)
+
     def __init__(self, url: str | None = None, blobs: str | os.PathLike | None = None, actor: str | None = None):
         """`url`: any SQLAlchemy URL; `blobs`: a folder or an fsspec URL (both default to default_location())."""
         if url is None or blobs is None:
@@ -108,98 +127,79 @@ class Registry:
              train_config: str | None = None, parent: str | None = None) -> VersionInfo:
         """Store `folder` as the next version of `name` (and point `alias` at it)."""
         check_name(name)
+        if alias is not None:
+            check_name(alias, "alias")
         files = read_adapter(folder)  # a push is checked like a load: no broken or pickled adapter gets in
         config = files.config.to_dict()
-        digest, size = self.blobs.put(Path(folder))  # the blob first ...
+        digest = folder_digest(Path(folder))
+        claim = self.transaction(lambda s: self._claim(s, digest))  # before the blob: gc keeps it from now on
+        try:
+            _, size = self.blobs.put(Path(folder), digest)
+        except BaseException:
+            self.transaction(lambda s: s.execute(delete(PendingRow).where(PendingRow.id == claim)))
+            raise
 
-        def commit(session: Session) -> int:  # ... the row last, with its audit entry
-            adapter = self._adapter(session, name, create=True)
-            number = (session.scalar(select(func.max(VersionRow.number)).where(VersionRow.adapter_id == adapter.id))
-                      or 0) + 1
+        def commit(session: Session) -> int:  # the row last, with its audit entry, releasing the claim
+            if session.execute(delete(PendingRow).where(PendingRow.id == claim)).rowcount != 1:
+                raise RegistryError(f"Pushing {name} took longer than `gc`'s grace period, so gc may have removed "
+                                    "its files; push it again.")
+            adapter = self.adapter_row(session, name, create=True, lock=True)
+            pushed = session.scalar(select(func.max(AuditRow.version)).where(AuditRow.adapter == name,
+                                                                              AuditRow.action == "push"))
+            newest = session.scalar(select(func.max(VersionRow.number)).where(VersionRow.adapter_id == adapter.id))
+            number = max(pushed or 0, newest or 0) + 1  # never a number used before, even if deleted since
             session.add(VersionRow(
                 adapter_id=adapter.id, number=number, digest=digest, size_bytes=size,
                 base_model=files.metadata.get("lorakit.base_model") or config.get("base_model_name_or_path"),
                 base_fingerprint=files.fingerprint, method=str(config.get("peft_type")), config=config,
                 created_by=self.actor, notes=notes, source_run=source_run, data_digest=data_digest, parent=parent,
                 metrics=metrics or {}, train_config=train_config))
-            self._audit(session, "push", name, number, details={"digest": digest, "parent": parent})
+            self.audit(session, "push", name, number, details={"digest": digest, "parent": parent})
             if alias:
-                self._point(session, adapter, name, alias, number, "alias")
+                session.flush()
+                self.point(session, adapter, name, alias, number, "alias")
             return number
 
-        return self.show(Ref(name, self._transaction(commit)))
+        return self.show(Ref(name, self.transaction(commit)))
 
     def promote(self, ref: str, alias: str, gates: list[Gate] | None = None, data: Path | None = None,
-                evaluate: Callable[[Path], dict] | None = None, allow_regression: bool = False) -> dict:
-        """Point `alias` at `ref` if it passes `gates` and does not score below what the alias holds now
-        (both evaluated by `evaluate` on `data`, scores recorded). Returns {"version", "previous", "scores"}."""
-        check_name(alias, "alias")
-        candidate = self.resolve(ref)
-        current = self.aliases(candidate.name).get(alias)
-        scores: dict = {}
-        if data is not None and evaluate is not None:
-            key = f"eval:{Path(data).name}"
-            scores["candidate"] = self._scores(candidate, key, data, evaluate)
-            failed = check_gates(gates or [], scores["candidate"])
-            if failed:
-                raise RegistryError(f"{candidate.ref} fails its gate(s): {'; '.join(failed)}. Not promoted to {alias}.")
-            if current is not None and current != candidate.version:
-                held = self.show(Ref(candidate.name, current))
-                scores["current"] = self._scores(held, key, data, evaluate)
-                worse = [g.metric for g in gates or [] if not g.better_or_equal(scores["candidate"], scores["current"])]
-                if worse and not allow_regression:
-                    raise RegistryError(f"{candidate.ref} scores below {held.ref} ({alias} now) on {', '.join(worse)} "
-                                        f"({_fmt(scores, worse)}); pass --allow-regression to promote it anyway.")
-        elif gates:
-            raise RegistryError("Gates need an eval file: pass --eval data.jsonl.")
-        self._transaction(lambda s: self._point(s, self._adapter(s, candidate.name), candidate.name, alias,
-                                                candidate.version, "promote", details={"scores": scores}))
-        return {"version": candidate.version, "previous": current, "scores": scores}
+                evaluate: Evaluate | None = None, allow_regression: bool = False, new_base: bool = False) -> dict:
+        """Point `alias` at `ref` after the checks of promotion.py; {"version", "previous", "changed", "scores"}."""
+        from lorakit.registry.promotion import promote
+
+        return promote(self, ref, alias, gates, data, evaluate, allow_regression, new_base)
 
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> dict:
         """Point `alias` back at the version it held before its latest promotion to what it holds now."""
-        def roll(session: Session) -> dict:
-            adapter = self._adapter(session, name)
-            row = self._alias_row(session, adapter, alias)
-            if row is None:
-                raise RegistryNotFound(f"{name} has no alias {alias!r}.")
-            last = session.scalars(select(AuditRow).where(
-                AuditRow.adapter == name, AuditRow.alias == alias, AuditRow.version == row.version,
-                AuditRow.action.in_(("promote", "alias"))).order_by(AuditRow.id.desc())).first()
-            if last is None or last.previous is None:
-                raise RegistryError(f"{name}:{alias} was never pointed anywhere before v{row.version}; nothing to "
-                                    "roll back to.")
-            current = row.version
-            self._point(session, adapter, name, alias, last.previous, "rollback")
-            return {"from": current, "to": last.previous}
+        from lorakit.registry.promotion import rollback
 
-        return self._transaction(roll)
+        return rollback(self, name, alias)
+
+    def gc(self, grace: float = GC_GRACE_S) -> dict:
+        """Delete blobs nothing refers to, and temporary folders older than `grace` seconds (gc.py)."""
+        from lorakit.registry.gc import collect
+
+        return collect(self, grace)
 
     def delete(self, ref: str) -> None:
         """Remove a version (refused while an alias points to it); its blob goes at the next `gc`."""
         info = self.resolve(ref)
-        if info.aliases:
-            raise RegistryError(f"{info.ref} is what {', '.join(f'{info.name}:{a}' for a in info.aliases)} points to; "
-                                "move or roll back the alias first.")
 
         def drop(session: Session) -> None:
-            adapter = self._adapter(session, info.name)
-            session.delete(session.scalars(select(VersionRow).where(VersionRow.adapter_id == adapter.id,
-                                                                    VersionRow.number == info.version)).one())
-            self._audit(session, "delete", info.name, info.version, details={"digest": info.digest})
+            adapter = self.adapter_row(session, info.name, lock=True)  # checked and deleted under one lock
+            aliases = sorted(session.scalars(select(AliasRow.alias).where(AliasRow.adapter_id == adapter.id,
+                                                                          AliasRow.version == info.version)))
+            if aliases:
+                raise RegistryError(f"{info.ref} is what {', '.join(f'{info.name}:{a}' for a in aliases)} points to; "
+                                    "move or roll back the alias first.")
+            row = session.scalars(select(VersionRow).where(VersionRow.adapter_id == adapter.id,
+                                                           VersionRow.number == info.version)).first()
+            if row is None:
+                raise RegistryNotFound(f"{info.ref} is not in the registry (deleted meanwhile).")
+            session.delete(row)
+            self.audit(session, "delete", info.name, info.version, details={"digest": info.digest})
 
-        self._transaction(drop)
-
-    def gc(self) -> dict:
-        """Delete blobs no version refers to (and temporary folders of pushes that died)."""
-        with Session(self.engine) as session:
-            used = set(session.scalars(select(VersionRow.digest)))
-        unused = self.blobs.digests() - used
-        for digest in unused:
-            self.blobs.remove(digest)
-        incoming = self.blobs.remove_incoming()
-        self._transaction(lambda s: self._audit(s, "gc", "*", None, details={"blobs": len(unused)}))
-        return {"removed_blobs": sorted(unused), "removed_incoming": incoming}
+        self.transaction(drop)
 
     # -- reading -----------------------------------------------------------------------------------------
     def resolve(self, ref: str | Ref, default_alias: str | None = None) -> VersionInfo:
@@ -220,7 +220,7 @@ class Registry:
         if ref.alias is not None:
             return self.resolve(ref)
         with Session(self.engine) as session:
-            adapter = self._adapter(session, ref.name)
+            adapter = self.adapter_row(session, ref.name)
             query = select(VersionRow).where(VersionRow.adapter_id == adapter.id)
             row = session.scalars(query.where(VersionRow.number == ref.version) if ref.version
                                   else query.order_by(VersionRow.number.desc())).first()
@@ -230,7 +230,7 @@ class Registry:
 
     def versions(self, name: str) -> list[VersionInfo]:
         with Session(self.engine) as session:
-            adapter = self._adapter(session, name)
+            adapter = self.adapter_row(session, name)
             rows = session.scalars(select(VersionRow).where(VersionRow.adapter_id == adapter.id)
                                    .order_by(VersionRow.number))
             return [self._info(session, name, row) for row in rows]
@@ -285,27 +285,31 @@ class Registry:
                             "reason": result.reason if result else "no fingerprint recorded"})
             return out
 
+    def source_run_of(self, folder: str | os.PathLike) -> str | None:
+        """The version whose recorded training run is `folder` (a path to the same place), or None."""
+        target = Path(folder).resolve()
+        with Session(self.engine) as session:
+            rows = session.execute(select(AdapterRow.name, VersionRow.number, VersionRow.source_run).join(
+                VersionRow, VersionRow.adapter_id == AdapterRow.id).where(VersionRow.source_run.is_not(None)))
+            return next((f"{n}@{v}" for n, v, run in rows if Path(run).resolve() == target), None)
+
     def train_config(self, ref: str) -> str | None:
         info = self.resolve(ref)
         with Session(self.engine) as session:
-            adapter = self._adapter(session, info.name)
+            adapter = self.adapter_row(session, info.name)
             return session.scalars(select(VersionRow.train_config).where(
                 VersionRow.adapter_id == adapter.id, VersionRow.number == info.version)).one()
 
-    # -- inside ------------------------------------------------------------------------------------------
-    def _scores(self, info: VersionInfo, key: str, data: Path, evaluate: Callable[[Path], dict]) -> dict:
-        scores = evaluate(self.blob_folder(info))
+    # -- sessions (for the registry's own modules: promotion.py, gc.py) ------------------------------------------------------------------------------------------
+    def _claim(self, session: Session, digest: str) -> int:
+        row = PendingRow(digest=digest, actor=self.actor)
+        session.add(row)
+        session.flush()
+        return row.id
 
-        def record(session: Session) -> None:
-            adapter = self._adapter(session, info.name)
-            row = session.scalars(select(VersionRow).where(VersionRow.adapter_id == adapter.id,
-                                                           VersionRow.number == info.version)).one()
-            row.metrics = {**row.metrics, key: scores}
-
-        self._transaction(record)
-        return scores
-
-    def _adapter(self, session: Session, name: str, create: bool = False) -> AdapterRow:
+    def adapter_row(self, session: Session, name: str, create: bool = False, lock: bool = False) -> AdapterRow:
+        """The adapter's row; with `lock`, locked for this transaction (a no-op update: a row lock on
+        PostgreSQL, the database write lock on SQLite) so concurrent changes to it run one at a time."""
         adapter = session.scalars(select(AdapterRow).where(AdapterRow.name == name)).first()
         if adapter is None:
             if not create:
@@ -313,31 +317,38 @@ class Registry:
             adapter = AdapterRow(name=name)
             session.add(adapter)
             session.flush()
+        elif lock:
+            session.execute(update(AdapterRow).where(AdapterRow.id == adapter.id).values(name=AdapterRow.name)
+                            .execution_options(synchronize_session=False))
         return adapter
 
-    def _alias_row(self, session: Session, adapter: AdapterRow, alias: str) -> AliasRow | None:
+    def alias_row(self, session: Session, adapter: AdapterRow, alias: str) -> AliasRow | None:
         return session.scalars(select(AliasRow).where(AliasRow.adapter_id == adapter.id,
                                                       AliasRow.alias == alias)).first()
 
-    def _point(self, session: Session, adapter: AdapterRow, name: str, alias: str, version: int, action: str,
-               details: dict | None = None) -> None:
+    def point(self, session: Session, adapter: AdapterRow, name: str, alias: str, version: int, action: str,
+               details: dict | None = None) -> bool:
+        """Point `alias` at `version`; False (and nothing in the history) if it points there already."""
         if session.scalars(select(VersionRow.id).where(VersionRow.adapter_id == adapter.id,
                                                        VersionRow.number == version)).first() is None:
             raise RegistryNotFound(f"{name}@{version} is not in the registry.")
-        row = self._alias_row(session, adapter, alias)
+        row = self.alias_row(session, adapter, alias)
         previous = row.version if row else None
+        if previous == version:
+            return False
         if row is None:
             session.add(AliasRow(adapter_id=adapter.id, alias=alias, version=version))
         else:
             row.version, row.updated_at = version, now()
-        self._audit(session, action, name, version, alias, previous, details)
+        self.audit(session, action, name, version, alias, previous, details)
+        return True
 
-    def _audit(self, session: Session, action: str, name: str, version: int | None, alias: str | None = None,
+    def audit(self, session: Session, action: str, name: str, version: int | None, alias: str | None = None,
                previous: int | None = None, details: dict | None = None) -> None:
         session.add(AuditRow(actor=self.actor, action=action, adapter=name, version=version, alias=alias,
                              previous=previous, details=details or {}))
 
-    def _transaction(self, work: Callable[[Session], object]):
+    def transaction(self, work: Callable[[Session], object]):
         def attempt():
             with Session(self.engine) as session, session.begin():
                 return work(session)
@@ -346,12 +357,15 @@ class Registry:
 
     @staticmethod
     def _retry(attempt: Callable[[], object], tries: int = 40):
-        """Run `attempt`, again after a unique-key race (two pushes took the same number) or a busy database."""
+        """Run `attempt`, again after a unique-key race (two pushes took the same number, two processes
+        created the tables of a new database at once) or a busy database."""
         for i in range(tries):
             try:
                 return attempt()
-            except (IntegrityError, OperationalError) as error:
-                busy = isinstance(error, IntegrityError) or "locked" in str(error) or "busy" in str(error)
+            except (IntegrityError, OperationalError, ProgrammingError) as error:
+                text = str(error)
+                busy = (isinstance(error, IntegrityError) or "locked" in text or "busy" in text
+                        or "already exists" in text)
                 if not busy or i == tries - 1:  # a wrong URL or a dead server fails at once
                     raise
                 time.sleep(random.uniform(0.01, 0.05) * (1 + i))
@@ -363,7 +377,3 @@ class Registry:
         return VersionInfo(name, row.number, row.digest, row.size_bytes, row.base_model, short_id(row.base_fingerprint),
                            row.method, row.config, row.created_at.isoformat(), row.created_by, row.notes,
                            row.source_run, row.data_digest, row.parent, row.metrics or {}, aliases)
-
-
-def _fmt(scores: dict, metrics: list[str]) -> str:
-    return ", ".join(f"{m}: {scores['candidate'].get(m)} vs {scores['current'].get(m)}" for m in metrics)

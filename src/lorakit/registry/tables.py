@@ -2,7 +2,8 @@
 
 Any SQLAlchemy URL works: the embedded default is a SQLite file; several machines share a
 PostgreSQL database. Version numbers are unique per adapter (a constraint, not a convention),
-so two pushes at once cannot both become version N: the loser retries with N+1.
+so two pushes at once cannot both become version N: the loser retries with N+1. A push in
+flight owns its blob through a `PendingRow` written before the blob, so `gc` never removes it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ class AliasRow(Base):
     alias: Mapped[str] = mapped_column(String(100))
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class PendingRow(Base):
+    """A push between "blob written" and "version committed": `gc` keeps its blob. Written before the blob,
+    deleted in the transaction that commits the version; a row older than gc's expiry is a dead push."""
+
+    __tablename__ = "lorakit_pending"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    actor: Mapped[str] = mapped_column(String(200))
 
 
 class AuditRow(Base):

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorakit.errors import AdapterLoadError, AdapterNameError
@@ -39,9 +39,9 @@ class CacheStats:
 
 @dataclass
 class Version:
-    internal: str  # the adapter's name on the model
+    internal: str  # the adapter's name on the model ("support@2")
     users: int = 0  # requests bound to it and not finished
-    stale: bool = False  # replaced or unregistered: removed when its last user finishes
+    stale: bool = False  # replaced, evicted or unregistered: removed when its last user finishes
 
 
 @dataclass
@@ -51,46 +51,47 @@ class Entry:
     current: Version | None = None
     loading: Future | None = None
     error: str | None = None
-    old: list[Version] = field(default_factory=list)
+    label: str | None = None  # what errors call the adapter instead of its path (a registry ref)
 
 
 class AdapterCache:
     def __init__(self, model, max_cpu_loras: int = 8):
         self.model = model
         self.max_cpu_loras = max_cpu_loras
-        self.entries: dict[str, Entry] = {}
-        self.recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self.stats = CacheStats()
+        self._entries: dict[str, Entry] = {}
+        self._versions: dict[str, Version] = {}  # every version on the model, current or stale, by internal name
+        self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._numbers: dict[str, int] = {}  # last version number per name, kept after unload: never reused
-        self._orphans: dict[str, Version] = {}  # versions of unloaded names that requests still use
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-loader")
         for name in list(model.peft_config):  # adapters already on the model: usable, pinned
-            self.entries[name] = Entry(path=None, pinned=True, current=Version(name))
+            self._entries[name] = Entry(path=None, pinned=True, current=self._version(name))
 
     # -- registering ------------------------------------------------------------------------------
-    def register(self, name: str, path: str | Path, pinned: bool = False) -> None:
+    def register(self, name: str, path: str | Path, pinned: bool = False, label: str | None = None) -> None:
         """Make `name` loadable from `path` (loaded on first use); an existing name is replaced (running
         requests keep theirs)."""
         with self._lock:
             entry = self._replaceable(name)
             if entry is None:
-                entry = self.entries[name] = Entry(Path(path), pinned)
+                entry = self._entries[name] = Entry(Path(path), pinned, label=label)
             else:
-                entry.path, entry.pinned, entry.error = Path(path), pinned, None
-            doomed = self._retire(name, entry) if entry.current is not None else []
+                entry.path, entry.pinned, entry.error, entry.label = Path(path), pinned, None, label
+            doomed = self._retire(name, entry)
         self._drop(doomed)
         if pinned:
             self.prefetch(name)
 
-    def load(self, name: str, path: str | Path, replace: bool = False, pinned: bool = False) -> Future:
+    def load(self, name: str, path: str | Path, replace: bool = False, pinned: bool = False,
+             label: str | None = None) -> Future:
         """Load `path` as `name` now, on the loader thread; the future gives the version or the loader's
         error. Nothing changes if it fails; with `replace`, requests running on the old version finish on it."""
         with self._lock:
-            if not replace and name in self.entries:
+            if not replace and name in self._entries:
                 raise AdapterNameError(f"The lora adapter '{name}' has already been loaded.")
             self._replaceable(name)
-        return self._loader.submit(self._load_and_swap, name, Path(path), replace, pinned)
+        return self._loader.submit(self._load_and_swap, name, Path(path), replace, pinned, label)
 
     def unload(self, name: str) -> Future:
         """Forget `name`; its version is freed now if unused, else when its last request finishes."""
@@ -98,22 +99,26 @@ class AdapterCache:
             entry = self._entry(name)
             if entry.path is None:
                 raise AdapterNameError(f"{name!r} was put on the model directly and cannot be unloaded.")
-            del self.entries[name]
-            doomed = self._retire(name, entry) if entry.current is not None else []
-            self._orphans.update((v.internal, v) for v in entry.old)
-            self.recent.pop(name, None)
+            del self._entries[name]
+            doomed = self._retire(name, entry)
         return self._loader.submit(self._drop, doomed)
 
     def names(self) -> list[str]:
-        return list(self.entries)
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
 
     def path_of(self, name: str) -> Path | None:
-        entry = self.entries.get(name)
+        entry = self._entries.get(name)
         return entry.path if entry else None
 
+    def is_resident(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.current is not None
+
     def resident_count(self) -> int:
-        return sum(1 for e in list(self.entries.values()) if e.current is not None) + sum(
-            len(e.old) for e in list(self.entries.values()))
+        return len(self._versions)
 
     # -- use by requests ---------------------------------------------------------------------------
     def prefetch(self, name: str) -> None:
@@ -134,46 +139,39 @@ class AdapterCache:
                 return None
             self.stats.hits += 1
             entry.current.users += 1
-            self.recent.pop(name, None)
-            self.recent[name] = None
+            self._recent.pop(name, None)
+            self._recent[name] = None
             return entry.current.internal
 
     def release(self, internal: str) -> None:
-        doomed = []
+        """A request bound to `internal` finished: O(1); a stale version goes with its last user."""
         with self._lock:
-            for version, owner in self._versions():
-                if version.internal == internal:
-                    version.users -= 1
-                    if version.stale and version.users == 0:
-                        owner.old.remove(version)
-                        doomed.append(internal)
-                    break
-            else:  # a version whose name was unloaded: kept in _orphans until now
-                version = self._orphans.get(internal)
-                if version is not None:
-                    version.users -= 1
-                    if version.users == 0:
-                        del self._orphans[internal]
-                        doomed.append(internal)
-        self._drop(doomed)
+            version = self._versions.get(internal)
+            if version is None:
+                return
+            version.users -= 1
+            gone = version.stale and version.users == 0
+            if gone:
+                del self._versions[internal]
+        if gone:
+            self._drop([internal])
 
     def failed(self, name: str) -> str | None:
-        entry = self.entries.get(name)
+        entry = self._entries.get(name)
         return entry.error if entry else None
 
     # -- inside ----------------------------------------------------------------------------------------
-    def _versions(self):
-        for entry in self.entries.values():
-            for version in ([entry.current] if entry.current else []) + entry.old:
-                yield version, entry
+    def _version(self, internal: str) -> Version:
+        version = self._versions[internal] = Version(internal)
+        return version
 
     def _entry(self, name: str) -> Entry:
-        if name not in self.entries:
-            raise AdapterNameError(f"Unknown adapter {name!r}; registered: {sorted(self.entries)}.")
-        return self.entries[name]
+        if name not in self._entries:
+            raise AdapterNameError(f"Unknown adapter {name!r}; registered: {sorted(self._entries)}.")
+        return self._entries[name]
 
     def _replaceable(self, name: str) -> Entry | None:
-        entry = self.entries.get(name)
+        entry = self._entries.get(name)
         if entry is not None and entry.path is None:
             raise AdapterNameError(f"{name!r} was put on the model directly; pick another name.")
         return entry
@@ -182,13 +180,19 @@ class AdapterCache:
         if entry.current is None and entry.loading is None and entry.path is not None:
             entry.loading = self._loader.submit(self._load_registered, name, entry, entry.path)
 
-    def _load_version(self, name: str, path: Path) -> str:
-        """Put the file at `path` on the model as a new version of `name` (loader thread; raises)."""
+    def _load_version(self, name: str, path: Path, label: str | None) -> str:
+        """Put the file at `path` on the model as a new version of `name` (loader thread; raises, naming the
+        adapter by `label` instead of its path when it has one: a server never shows its blob store)."""
         with self._lock:
             self._numbers[name] = number = self._numbers.get(name, 0) + 1
         internal = f"{name}@{number}"
         start = time.perf_counter()
-        self.model.load_adapter(path, adapter_name=internal)
+        try:
+            self.model.load_adapter(path, adapter_name=internal)
+        except Exception as error:
+            if label is None:
+                raise
+            raise AdapterLoadError(str(error).replace(str(path), label)) from None
         with self._lock:
             self.stats.loads += 1
             self.stats.load_seconds += time.perf_counter() - start
@@ -196,39 +200,39 @@ class AdapterCache:
 
     def _load_registered(self, name: str, entry: Entry, path: Path) -> None:
         try:
-            internal = self._load_version(name, path)
+            internal = self._load_version(name, path, entry.label)
         except Exception as error:  # noqa: BLE001 - any failure is reported to this adapter's requests
             with self._lock:
                 entry.error, entry.loading = str(error), None
             return
         with self._lock:
             entry.loading = None
-            if self.entries.get(name) is not entry or entry.path != path:  # unloaded or re-pointed meanwhile
+            if self._entries.get(name) is not entry or entry.path != path:  # unloaded or re-pointed meanwhile
                 doomed = [internal]
-                if self.entries.get(name) is entry:
+                if self._entries.get(name) is entry:
                     self._start_load(name, entry)
             else:
-                entry.current = Version(internal)
-                self.recent[name] = None
+                entry.current = self._version(internal)
+                self._recent[name] = None
                 doomed = self._evict()
         self._drop(doomed)
 
-    def _load_and_swap(self, name: str, path: Path, replace: bool, pinned: bool) -> str:
-        internal = self._load_version(name, path)  # raises: nothing has changed
+    def _load_and_swap(self, name: str, path: Path, replace: bool, pinned: bool, label: str | None) -> str:
+        internal = self._load_version(name, path, label)  # raises: nothing has changed
         with self._lock:
-            entry = self.entries.get(name)
+            entry = self._entries.get(name)
             if entry is not None and not replace:  # another load of this name won the race
                 doomed, error = [internal], AdapterNameError(f"The lora adapter '{name}' has already been loaded.")
             else:
                 error = None
                 if entry is None:
-                    entry = self.entries[name] = Entry(path, pinned)
+                    entry = self._entries[name] = Entry(path, pinned, label=label)
                     doomed = []
                 else:
-                    entry.path, entry.pinned, entry.error = path, pinned, None
-                    doomed = self._retire(name, entry) if entry.current is not None else []
-                entry.current = Version(internal)
-                self.recent[name] = None
+                    entry.path, entry.pinned, entry.error, entry.label = path, pinned, None, label
+                    doomed = self._retire(name, entry)
+                entry.current = self._version(internal)
+                self._recent[name] = None
                 doomed += self._evict()
         self._drop(doomed)
         if error is not None:
@@ -236,26 +240,25 @@ class AdapterCache:
         return internal
 
     def _retire(self, name: str, entry: Entry) -> list[str]:
-        """Detach the current version from `name`; returns it to delete now if unused, else it goes when
-        its last user finishes (called under the lock)."""
+        """Detach the current version from `name` (under the lock): returned to delete now if unused, else
+        marked stale, to go when its last user finishes (`release`)."""
         version, entry.current = entry.current, None
-        self.recent.pop(name, None)
+        self._recent.pop(name, None)
+        if version is None:
+            return []
         if version.users == 0:
+            del self._versions[version.internal]
             return [version.internal]
         version.stale = True
-        if self.entries.get(name) is entry:
-            entry.old.append(version)
-        else:  # the name is gone: nobody else will find this version but its users
-            self._orphans[version.internal] = version
         return []
 
     def _evict(self) -> list[str]:
         doomed: list[str] = []
-        resident = [n for n in self.recent if self.entries[n].path is not None]
+        resident = [n for n in self._recent if self._entries[n].path is not None]
         for name in list(resident):
             if len(resident) <= self.max_cpu_loras:
                 break
-            entry = self.entries[name]
+            entry = self._entries[name]
             if entry.pinned or entry.current.users:
                 continue
             doomed += self._retire(name, entry)

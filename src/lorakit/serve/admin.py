@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from lorakit.errors import AdapterFileNotFoundError, AdapterNameError, LorakitError
 from lorakit.serve.api import ServerState
+from lorakit.serve.local_adapters import folder_problem
 from lorakit.serve.openai_protocol import ApiError, check_key
 
 
@@ -43,26 +44,24 @@ def checked_adapter_path(raw: str, roots: list[Path], max_bytes: int) -> Path:
     path = Path(raw)
     if ".." in path.parts:
         raise ApiError(400, f"lora_path {raw!r} must not contain '..'.", param="lora_path")
-    resolved_roots = [root.resolve() for root in roots]
     candidates = [path] if path.is_absolute() else [root / path for root in roots]
     for candidate in candidates:
         if not candidate.exists():
             continue
-        folder = candidate.resolve()
-        files = [f for f in folder.iterdir()] if folder.is_dir() else [folder]
-        for item in [folder, *files]:
-            real = item.resolve()
-            if not any(real.is_relative_to(root) for root in resolved_roots):
-                raise ApiError(400, f"lora_path {raw!r} resolves outside the server's adapter directories "
-                                    f"({item.name} -> {real}); adapters are loaded only from "
-                                    f"{', '.join(map(str, roots))}.", param="lora_path")
-        size = sum(f.stat().st_size for f in files if f.is_file())
-        if size > max_bytes:
-            raise ApiError(400, f"The adapter at {raw!r} is {size / 2**20:.1f} MiB, over the server's cap of "
-                                f"{max_bytes / 2**20:.0f} MiB (--max-adapter-size).", param="lora_path")
-        return folder
+        problem = folder_problem(candidate, roots, max_bytes, shown=raw)
+        if problem is not None:
+            raise ApiError(400, f"lora_path: {problem}", param="lora_path")
+        return candidate.resolve()
     raise ApiError(404, f"No adapter found at {raw!r} inside {', '.join(map(str, roots))}.", type="not_found_error",
                    param="lora_path")
+
+
+def refuse_followed(state: ServerState, name: str) -> None:
+    """The registry decides what a name it serves means: loading over it here would leave no trace in the
+    registry's history, and the next poll would silently put the registry's version back."""
+    if state.sync is not None and state.sync.owns(name):
+        raise ApiError(400, f"'{name}' follows the adapter registry; change it there (lorakit registry promote / "
+                            "rollback), not through the admin API.", type="InvalidUserInput", param="lora_name")
 
 
 def admin_router(state: ServerState) -> APIRouter:
@@ -78,6 +77,7 @@ def admin_router(state: ServerState) -> APIRouter:
         if body.lora_name in state.base_names:
             raise ApiError(400, f"'{body.lora_name}' is the base model's name; pick another.", type="InvalidUserInput",
                            param="lora_name")
+        refuse_followed(state, body.lora_name)
         path = checked_adapter_path(body.lora_path, state.adapter_roots, state.max_adapter_bytes)
         try:
             future = state.engine.adapters.load(body.lora_name, path, replace=body.load_inplace)
@@ -96,6 +96,7 @@ def admin_router(state: ServerState) -> APIRouter:
     async def unload_lora_adapter(body: UnloadLoraAdapterRequest) -> PlainTextResponse:
         if not body.lora_name:
             raise ApiError(400, "'lora_name' needs to be provided to unload a LoRA adapter.", type="InvalidUserInput")
+        refuse_followed(state, body.lora_name)
         try:
             await asyncio.wrap_future(state.engine.adapters.unload(body.lora_name))
         except AdapterNameError:

@@ -26,7 +26,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lorakit.errors import AdapterLoadError, AdapterNameError, ContextLengthError, RequestError
+from lorakit.errors import (
+    AdapterLoadError,
+    AdapterNameError,
+    ContextLengthError,
+    RegistryUnavailable,
+    RequestError,
+)
 from lorakit.serve import openai_protocol as oa
 from lorakit.serve.engine import Engine, RequestHandle, RequestOutput
 from lorakit.serve.metrics import ServerMetrics
@@ -51,6 +57,7 @@ class ServerState:
     created: int = 0
     draining: bool = False
     sync: object | None = None  # a RegistrySync when the server follows a registry
+    refused_local: dict[str, str] = field(default_factory=dict)  # local adapters refused at start, and why
     inflight: set[RequestHandle] = field(default_factory=set)
     metrics: ServerMetrics = field(init=False)
     _tokenizers: dict[Path, object] = field(default_factory=dict)
@@ -62,17 +69,24 @@ class ServerState:
         """The adapter a request's `model` names (None: the base model); 404 for an unknown name."""
         if model in self.base_names:
             return None
-        if self.sync is not None and model in self.sync.refused:
-            raise ApiError(400, self.sync.refused[model], param="model", code="adapter_refused")
-        if model in self.engine.adapters.entries or (self.sync is not None and self.sync.knows(model)):
+        if model in self.engine.adapters:
             return model
+        try:
+            if self.sync is not None and self.sync.knows(model):
+                return model
+        except RegistryUnavailable as error:
+            raise ApiError(503, str(error), type="service_unavailable", code="registry_unavailable",
+                           headers={"Retry-After": "2"}) from None
+        reason = self.refused_local.get(model) or (self.sync.refused.get(model) if self.sync else None)
+        if reason is not None:
+            raise ApiError(400, reason, param="model", code="adapter_refused")
         raise ApiError(404, f"The model `{model}` does not exist. Served: {self.base_name} (the base model) and the "
                             "adapters listed by GET /v1/models.", param="model", code="model_not_found")
 
     async def resolve_off_loop(self, model: str) -> str | None:
         """`resolve`, with a first-use registry lookup (a database query and a blob re-hash for a
         pinned NAME@N) run in a worker thread, so the event loop keeps streaming other requests."""
-        if self.sync is None or model in self.base_names or model in self.engine.adapters.entries:
+        if self.sync is None or model in self.base_names or model in self.engine.adapters:
             return self.resolve(model)
         return await asyncio.to_thread(self.resolve, model)
 
@@ -96,6 +110,22 @@ def _finish_reason(output: RequestOutput) -> str:
     return "length" if output.finish_reason == "length" else "stop"
 
 
+class _RequestStream(StreamingResponse):
+    """A streaming reply that runs `on_close` however it ends — also when the client went away before its
+    first byte, when Starlette cancels it without ever starting the generator (so a generator's own
+    `finally` would never run, and the request would decode to the end unread)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 class Completions:
     """One request's life: checks, admission, then a JSON reply or an SSE stream; metrics at the end."""
 
@@ -104,6 +134,7 @@ class Completions:
         self.state, self.http, self.body, self.adapter, self.ids, self.chat = state, http, body, adapter, prompt_ids, chat
         self.label = body.model
         self.rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        self.status = CLIENT_GONE  # what the metrics record unless the reply completes
 
     def admit(self) -> RequestHandle:
         engine, state = self.state.engine, self.state
@@ -134,11 +165,15 @@ class Completions:
         self.state.metrics.request_done(self.label, status, output)
         return output
 
+    def _close(self, handle: RequestHandle) -> None:
+        if not handle.seq.finished:
+            self.state.engine.abort(handle)
+        self._done(handle, self.status)
+
     async def reply(self) -> Response:
         handle = self.admit()
         if self.body.stream:
-            return StreamingResponse(self._stream(handle), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _RequestStream(self._stream(handle), on_close=lambda: self._close(handle))
         return await self._collect(handle)
 
     async def _collect(self, handle: RequestHandle) -> Response:
@@ -156,37 +191,42 @@ class Completions:
             if not handle.seq.finished:
                 self.state.engine.abort(handle)
         output = self.state.engine.output_of(handle.seq)
-        if output.finish_reason == "error":
-            self._done(handle, 500)
-            raise ApiError(500, output.error or "generation failed", type="server_error")
-        self._done(handle, CLIENT_GONE if output.finish_reason == "abort" else 200)
+        error = _cut_short(output)
+        self._done(handle, error.status if error else CLIENT_GONE if output.finish_reason == "abort" else 200)
+        if error is not None:
+            raise error
         make = oa.chat_response if self.chat else oa.completion_response
         return JSONResponse(make(self.rid, self.label, output.text, _finish_reason(output), len(self.ids),
                                  len(output.token_ids)))
 
     async def _stream(self, handle: RequestHandle) -> AsyncIterator[str]:
-        status = CLIENT_GONE
         chunk = oa.chat_chunk if self.chat else oa.completion_chunk
-        try:
-            if self.chat:
-                yield _sse(chunk(self.rid, self.label, {"role": "assistant", "content": ""}))
-            async for _, delta in handle:
-                if delta:
-                    yield _sse(chunk(self.rid, self.label, {"content": delta} if self.chat else delta))
-            output = self.state.engine.output_of(handle.seq)
-            if output.finish_reason == "error":
-                status = 500
-                yield _sse(ApiError(500, output.error or "generation failed", type="server_error").body())
-            else:
-                status = 200
-                yield _sse(chunk(self.rid, self.label, {} if self.chat else "", _finish_reason(output)))
-                if self.body.include_usage:
-                    yield _sse(chunk(self.rid, self.label, None, usage_=oa.usage(len(self.ids), len(output.token_ids))))
-            yield _sse("[DONE]")
-        finally:  # also when the client disconnects: Starlette cancels this generator
-            if not handle.seq.finished:
-                self.state.engine.abort(handle)
-            self._done(handle, status)
+        if self.chat:
+            yield _sse(chunk(self.rid, self.label, {"role": "assistant", "content": ""}))
+        async for _, delta in handle:
+            if delta:
+                yield _sse(chunk(self.rid, self.label, {"content": delta} if self.chat else delta))
+        output = self.state.engine.output_of(handle.seq)
+        error = _cut_short(output)
+        if error is not None:  # an error event, and no [DONE]: a cut stream must never look complete
+            self.status = error.status
+            yield _sse(error.body())
+            return
+        self.status = 200
+        yield _sse(chunk(self.rid, self.label, {} if self.chat else "", _finish_reason(output)))
+        if self.body.include_usage:
+            yield _sse(chunk(self.rid, self.label, None, usage_=oa.usage(len(self.ids), len(output.token_ids))))
+        yield _sse("[DONE]")
+
+
+def _cut_short(output: RequestOutput) -> ApiError | None:
+    """The error a request that did not finish normally ends with: a failure (500), or an abort by the server
+    (503: its shutdown timeout); None for a finished request, or one its own client aborted."""
+    if output.finish_reason == "error":
+        return ApiError(500, output.error or "generation failed", type="server_error")
+    if output.finish_reason == "abort" and output.error:
+        return ApiError(503, output.error, type="service_unavailable", code="aborted")
+    return None
 
 
 def inference_router(state: ServerState) -> APIRouter:
@@ -203,9 +243,9 @@ def inference_router(state: ServerState) -> APIRouter:
         tokenizer = state.tokenizer_for(adapter)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "This model has no chat template; use /v1/completions.", param="messages")
-        try:
-            ids = list(tokenizer.apply_chat_template(body.rendered_messages(), add_generation_prompt=True,
-                                                     tokenize=True, return_dict=False))
+        try:  # in a worker thread: a long prompt must not stall every other stream on the event loop
+            ids = list(await asyncio.to_thread(tokenizer.apply_chat_template, body.rendered_messages(),
+                                               add_generation_prompt=True, tokenize=True, return_dict=False))
         except Exception as error:  # noqa: BLE001 - a template that cannot render these messages
             raise ApiError(400, f"The chat template cannot render these messages: {error}", param="messages") from None
         return await Completions(state, request, body, adapter, ids, chat=True).reply()
@@ -220,7 +260,7 @@ def inference_router(state: ServerState) -> APIRouter:
             tokenizer = state.tokenizer_for(adapter)
             if tokenizer is None:
                 raise ApiError(400, "This server has no tokenizer: send the prompt as token ids.", param="prompt")
-            prompt = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            prompt = (await asyncio.to_thread(tokenizer, prompt, add_special_tokens=True))["input_ids"]
         if not prompt:
             raise ApiError(400, "The prompt is empty.", param="prompt")
         return await Completions(state, request, body, adapter, list(prompt), chat=False).reply()
@@ -232,20 +272,24 @@ def inference_router(state: ServerState) -> APIRouter:
                     "parent": parent, "max_model_len": state.engine.max_model_len, "permission": []}
 
         cards = [card(state.base_name, state.base_root, None)]
-        def root(name: str) -> str:
-            return (state.sync.root_of(name) if state.sync else None) or str(state.engine.adapters.path_of(name))
-
-        cards += [card(name, root(name), state.base_name) for name in state.engine.adapters.names()]
+        for name in state.engine.adapters.names():
+            followed = state.sync.card(name) if state.sync else None
+            if followed is None:
+                cards.append(card(name, str(state.engine.adapters.path_of(name)), state.base_name))
+            else:
+                cards.append({**card(name, followed.pop("root"), state.base_name), **followed})
         return {"object": "list", "data": cards}
 
     return router
 
 
-def create_app(state: ServerState) -> FastAPI:
+def create_app(state: ServerState, max_request_bytes: int = 4 << 20) -> FastAPI:
     from lorakit.serve.admin import admin_router
+    from lorakit.serve.body_limit import BodyLimit
 
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     def error_response(request: Request, error: ApiError) -> JSONResponse:
         state.metrics.request_done(getattr(request.state, "label", "") if error.status != 404 else "", error.status)
@@ -276,8 +320,15 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(ApiError(error.status_code, str(error.detail), type=kind).body(),
                             status_code=error.status_code)
 
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception) -> JSONResponse:  # never a plain-text 500
+        return error_response(request, ApiError(500, f"Internal error: {type(error).__name__}. The server log has "
+                                                     "the details.", type="server_error"))
+
     @app.get("/health")
     async def health() -> Response:
+        if state.engine.dead is not None:  # the step loop died: every request would hang
+            return JSONResponse({"status": "engine_dead", "error": state.engine.dead}, status_code=503)
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})

@@ -111,6 +111,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by a new request: the idle background loop starts a step
+        self.dead: str | None = None  # why the background loop died (a server's /health reports it)
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int] | list[dict], adapter: str | None = None,
@@ -119,6 +120,8 @@ class Engine:
 
         A resident adapter is bound now: the request runs with the version loaded at this moment,
         whatever replaces or unloads it later. A cold one is bound when its load completes."""
+        if self.dead is not None:
+            raise RequestError(f"The engine has stopped ({self.dead}); restart the server.")
         sampling = sampling or SamplingParams()
         ids = self._tokenize(prompt)
         if not ids:
@@ -138,8 +141,11 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_model_len:
             raise ContextLengthError(prompt_tokens, max_tokens, self.max_model_len)
 
-    def abort(self, handle: RequestHandle) -> None:
-        """Stop a request and free its KV blocks (at once, or before the next step of a background loop)."""
+    def abort(self, handle: RequestHandle, reason: str | None = None) -> None:
+        """Stop a request and free its KV blocks (at once, or before the next step of a background loop).
+        `reason`: why the server stopped it (a shutdown), kept as its error; None: its client went away."""
+        if reason is not None and handle.seq.error is None:
+            handle.seq.error = reason
         self._aborts.append(handle.seq)
         if not self.running_in_background:
             with self._step_lock:
@@ -177,16 +183,14 @@ class Engine:
         try:
             version = self.adapters.acquire(seq.adapter)
         except Exception as error:  # noqa: BLE001 - the loader's error ends this request only
-            seq.error = str(error)
-            self._finish(seq, "error")
+            self._fail(seq, str(error))
             return False
         if version is None:
             return False
         seq.version, seq.virtual = version, self.virtual.count(version)
         if seq.virtual + len(seq.prompt_ids) + seq.params.max_tokens > self.max_model_len:
-            seq.error = str(ContextLengthError(seq.virtual + len(seq.prompt_ids), seq.params.max_tokens,
-                                               self.max_model_len))
-            self._finish(seq, "error")
+            self._fail(seq, str(ContextLengthError(seq.virtual + len(seq.prompt_ids), seq.params.max_tokens,
+                                                   self.max_model_len)))
             return False
         return True
 
@@ -203,21 +207,34 @@ class Engine:
             except Exception as error:  # a bug must not stop the loop: this step's requests fail, others go on
                 _log.exception("engine step failed; failing its %d requests", len(batch))
                 for item in batch:
-                    item.seq.error = f"internal error in the engine step: {type(error).__name__}: {error}"
-                    self._finish(item.seq, "error")
+                    self._fail(item.seq, f"internal error in the engine step: {type(error).__name__}: {error}")
                 return len(batch)
             now = time.perf_counter()
             row = 0
             for item in batch:
                 item.seq.computed += item.count
                 if item.samples:
-                    self._append(item.seq, sample(logits[row], item.seq.params, item.seq.generator), now)
+                    self._sample_into(item.seq, logits[row], now)
                     row += 1
             self.steps += 1
             self._recent.append((now, row))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
                 self._recent.popleft()
             return len(batch)
+
+    def _sample_into(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
+        """Sample `seq`'s next token and settle its text; a failure (its settings, its logits, decoding)
+        fails that request alone."""
+        try:
+            self._append(seq, sample(logits, seq.params, seq.generator), now)
+        except Exception as error:  # noqa: BLE001 - one request's sampling never takes the step down
+            _log.warning("sampling failed for request %d: %s", seq.id, error)
+            if not seq.finished:
+                self._fail(seq, f"sampling failed: {type(error).__name__}: {error}")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        seq.error = message
+        self._finish(seq, "error")
 
     def _take_inbox(self) -> None:
         while self._arrivals:
@@ -277,10 +294,23 @@ class Engine:
             self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()
-            if not self.step():
-                self._wake.wait(0.05)  # idle (or waiting for an adapter to load): sleep until a request comes
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                if not self.step():
+                    self._wake.wait(0.05)  # idle (or waiting for an adapter to load): sleep until a request comes
+        except BaseException as error:  # outside any one request (the scheduler, the inbox): the engine is dead
+            _log.exception("the engine loop died")
+            self.dead = f"{type(error).__name__}: {error}"
+            self._fail_everything(f"the engine stopped: {self.dead}")
+
+    def _fail_everything(self, message: str) -> None:
+        """Every request still queued or running ends with `message`, so no client waits forever."""
+        for seq in [*self._arrivals, *self.scheduler.waiting, *self.scheduler.running]:
+            if not seq.finished:
+                seq.error = message
+                seq.finish_reason = "error"
+                seq.events.put(None)
 
     def stop(self) -> None:
         """Stop the background loop (requests still queued stay queued; `start()` resumes)."""

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.sampling import SEED_MAX, SEED_MIN, SamplingParams
 
 
 class ApiError(Exception):
@@ -60,7 +60,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # vLLM's extension; 0: off
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # a torch.long, as vLLM
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None  # vLLM's extension
     ignore_eos: bool = False  # vLLM's extension

@@ -13,6 +13,7 @@ process exits 0. A second SIGTERM or a Ctrl-C stops at once (uvicorn's own handl
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -22,6 +23,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import ConfigError
+from lorakit.serve.local_adapters import adapter_folders, folder_problem
+
+_log = logging.getLogger(__name__)
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -51,22 +55,14 @@ class ServeSettings(BaseModel):
     admin_key: str | None = None
     shutdown_timeout: float = Field(30.0, ge=0)
     max_adapter_size_mb: int = Field(1024, ge=1)
+    max_request_mb: float = Field(4.0, gt=0)  # a larger request body gets 413 before it is read
     registry: str | None = None  # follow a registry (a folder or a database URL)
     registry_blobs: str | None = None  # a folder or an fsspec URL
     registry_alias: str = "prod"  # what a bare NAME means
     registry_poll: float = Field(2.0, gt=0)  # seconds between alias checks
     ui: bool = False  # mount the dashboard at /ui
     ui_runs: Path | None = None  # the runs folder it shows
-
-
-def adapter_folders(directory: Path) -> dict[str, Path]:
-    """{folder name: folder} for every adapter folder directly inside `directory` (a symlink that leads out
-    of it is passed over, as the admin API refuses one)."""
-    if not directory.is_dir():
-        raise ConfigError(f"--adapter-dir {directory} is not a directory.")
-    root = directory.resolve()
-    return {p.name: p for p in sorted(directory.iterdir())
-            if (p / "adapter_config.json").is_file() and p.resolve().is_relative_to(root)}
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names /ui answers besides loopback and `host`
 
 
 def build_state(settings: ServeSettings):
@@ -91,23 +87,33 @@ def build_state(settings: ServeSettings):
     alias = builtin_alias(settings.model)
     public = PUBLIC_IDS[alias] if alias else str(settings.model)
     name = settings.served_model_name or public
-    for directory in settings.adapter_dirs:
+    max_bytes = settings.max_adapter_size_mb << 20
+    refused: dict[str, str] = {}
+    for directory in settings.adapter_dirs:  # the admin API's checks, at start: a bad folder is not served
         for adapter, folder in adapter_folders(directory).items():
-            engine.adapters.register(adapter, folder)
+            problem = folder_problem(folder, [directory], max_bytes, shown=f"{directory.name}/{adapter}")
+            if problem is None:
+                engine.adapters.register(adapter, folder)
+            else:
+                refused[adapter] = problem
+                _log.warning("not serving %s: %s", adapter, problem)
     for adapter, folder in settings.adapters.items():  # loaded now: a bad file stops the start, with its message
-        engine.adapters.load(adapter, folder, replace=adapter in engine.adapters.entries, pinned=True).result()
+        problem = folder_problem(Path(folder), None, max_bytes)
+        if problem is not None:
+            raise ConfigError(f"--adapter {adapter}={folder}: {problem}")
+        engine.adapters.load(adapter, folder, replace=adapter in engine.adapters, pinned=True).result()
     engine.start()
     sync = None
     if settings.registry is not None:
-        from lorakit.registry.cli import open_registry
+        from lorakit.registry.store import Registry
         from lorakit.serve.registry_sync import RegistrySync
 
-        sync = RegistrySync(open_registry(settings.registry, settings.registry_blobs), engine, settings.registry_alias,
+        sync = RegistrySync(Registry.open(settings.registry, settings.registry_blobs), engine, settings.registry_alias,
                             settings.registry_poll)
         sync.start()
     return ServerState(engine, name, {name, public, str(settings.model)}, public, settings.api_key,
-                       settings.admin_key, list(settings.adapter_dirs), settings.max_queue,
-                       settings.max_adapter_size_mb << 20, created=int(time.time()), sync=sync)
+                       settings.admin_key, list(settings.adapter_dirs), settings.max_queue, max_bytes,
+                       created=int(time.time()), sync=sync, refused_local=refused)
 
 
 def mount_dashboard(app, settings: ServeSettings) -> None:
@@ -118,7 +124,8 @@ def mount_dashboard(app, settings: ServeSettings) -> None:
     from lorakit.ui.app import UISettings, create_ui_app
 
     ui = UISettings(runs=settings.ui_runs, registry=settings.registry, registry_blobs=settings.registry_blobs,
-                    server="http://lorakit-serve", server_api_key=settings.api_key, admin_key=settings.admin_key)
+                    server="http://lorakit-serve", server_api_key=settings.api_key, admin_key=settings.admin_key,
+                    host=settings.host, allowed_hosts=settings.allowed_hosts)
     app.mount("/ui", create_ui_app(ui, server_transport=httpx.ASGITransport(app=app)))
 
 
@@ -142,8 +149,9 @@ def run(settings: ServeSettings, ready=None) -> None:
             deadline = time.monotonic() + settings.shutdown_timeout
             while state.inflight and time.monotonic() < deadline:
                 time.sleep(0.05)
-            for handle in list(state.inflight):  # past the timeout: aborted, their streams end
-                state.engine.abort(handle)
+            for handle in list(state.inflight):  # past the timeout: aborted, and their replies say so
+                state.engine.abort(handle, reason=f"The server shut down before this request finished (it waited "
+                                                  f"--shutdown-timeout {settings.shutdown_timeout:g} s); retry it.")
             self.should_exit = True
 
         async def startup(self, sockets=None) -> None:
@@ -151,7 +159,7 @@ def run(settings: ServeSettings, ready=None) -> None:
             if ready is not None:
                 ready(state)
 
-    app = create_app(state)
+    app = create_app(state, max_request_bytes=int(settings.max_request_mb * 2**20))
     if settings.ui:
         mount_dashboard(app, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",

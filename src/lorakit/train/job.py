@@ -332,10 +332,10 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
 
 def register_run(config: JobConfig, summary: dict):
     """The job's `register:` section: push the adapter with its config, data digest and eval."""
-    from lorakit.registry.cli import open_registry
-    from lorakit.registry.training import push_run
+    from lorakit.registry.store import Registry
+    from lorakit.train.register import push_run
 
-    registry = open_registry(config.register.registry, config.register.blobs)
+    registry = Registry.open(config.register.registry, config.register.blobs)
     return push_run(registry, config.register.name, config.register.alias, summary, config.to_yaml())
 
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lorakit.errors import LorakitError, RegistryNotFound
 from lorakit.registry.gates import METRICS
 from lorakit.serve.openai_protocol import ApiError, check_key
+from lorakit.ui.access import Access, allowed_hosts, login_page
 from lorakit.ui.runs import RunIndex, RunNotFound, config_diff
 from lorakit.ui.server_view import ServerView
 
@@ -45,10 +46,12 @@ class UISettings(BaseModel):
     registry_blobs: str | None = None
     server: str | None = None  # a `lorakit serve` URL, e.g. http://127.0.0.1:8000
     server_api_key: str | None = None
-    admin_key: str | None = None  # promote / rollback are refused without it
+    api_key: str | None = None  # the dashboard's own key (default: server_api_key); none and no server key: open
+    admin_key: str | None = None  # promote / rollback are refused without it (it also opens the dashboard)
     data: Path | None = None  # where eval files for promotion gates are taken from
     host: str = "127.0.0.1"
     port: int = 7860
+    allowed_hosts: list[str] = Field(default_factory=list)  # Host names answered besides loopback and `host`
 
 
 class PromoteRequest(BaseModel):
@@ -58,6 +61,7 @@ class PromoteRequest(BaseModel):
     gates: list[str] = Field(default_factory=list)
     eval: str | None = None  # a file under --data
     allow_regression: bool = False
+    new_base: bool = False
 
 
 class RollbackRequest(BaseModel):
@@ -77,12 +81,15 @@ class Dashboard:
     """What the routes share: the run index, the registry (opened once), the server view, the keys."""
 
     def __init__(self, settings: UISettings, server_transport: httpx.AsyncBaseTransport | None = None):
-        from lorakit.registry.cli import open_registry
+        from lorakit.registry.store import Registry
 
         self.settings = settings
         self.runs = RunIndex(settings.runs)
-        self.registry = open_registry(settings.registry, settings.registry_blobs) if settings.registry else None
+        self.registry = Registry.open(settings.registry, settings.registry_blobs) if settings.registry else None
         self.server = ServerView(settings.server, settings.server_api_key, server_transport)
+        viewer = settings.api_key or settings.server_api_key
+        self.access = Access([viewer, settings.admin_key] if viewer else [],
+                             allowed_hosts(settings.host, settings.allowed_hosts))
 
     def require_admin(self, request: Request) -> None:
         if self.settings.admin_key is None:
@@ -130,9 +137,22 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
         return templates.TemplateResponse(request, template, {"root": root, "settings": settings, **context},
                                           status_code=status)
 
+    @app.middleware("http")
+    async def gate(request: Request, call_next) -> Response:  # Host check and key: ui/access.py
+        refused = board.access.check(request)
+        return refused if refused is not None else await call_next(request)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request, next: str = "/") -> HTMLResponse:
+        return login_page(request, templates, next)
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        return await board.access.login(request, templates)
 
     @app.exception_handler(RunNotFound)
     async def no_run(request: Request, error: RunNotFound) -> Response:
@@ -157,7 +177,9 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
     # -- runs -------------------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse)
     def runs_page(request: Request) -> HTMLResponse:
-        return page(request, "runs.html", rows=[run.row() for run in board.runs.all()])
+        runs, problems = board.runs.all()
+        return page(request, "runs.html", rows=[run.row() for run in runs], problems=problems,
+                    missing=board.runs.root is not None and not board.runs.root.is_dir())
 
     @app.get("/runs/{run_id:path}", response_class=HTMLResponse)
     def run_page(request: Request, run_id: str) -> HTMLResponse:
@@ -176,7 +198,7 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
 
     @app.get("/api/runs")
     def runs_json() -> list[dict]:
-        return [run.row() for run in board.runs.all()]
+        return [run.row() for run in board.runs.all()[0]]
 
     @app.get("/api/runs/{run_id:path}/metrics")
     def metrics_json(run_id: str, after: int = Query(0, ge=0)) -> dict:
@@ -205,11 +227,11 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
     @app.post("/api/registry/promote")
     def promote(body: PromoteRequest, request: Request) -> dict:
         board.require_admin(request)
-        from lorakit.registry.training import gated_promote
+        from lorakit.train.register import gated_promote
 
         registry = board.require_registry()
         return gated_promote(registry, body.ref, body.alias, body.gates, board.eval_file(body.eval),
-                             allow_regression=body.allow_regression)
+                             allow_regression=body.allow_regression, new_base=body.new_base)
 
     @app.post("/api/registry/rollback")
     def rollback(body: RollbackRequest, request: Request) -> dict:
@@ -234,7 +256,8 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
     async def chat(body: ChatRequest, request: Request) -> dict:
         # The relay sends the server's key for the caller, so the caller must know it: otherwise the
         # dashboard would be a keyless way into a server that has one.
-        check_key(request, settings.server_api_key, "server API")
+        if request.state.ui_key is None or request.state.ui_key != settings.server_api_key:
+            check_key(request, settings.server_api_key, "server API")
         view = require_server()
         base = await view.base_model()
         if base is None:

@@ -55,26 +55,33 @@ class Run:
         return read_metrics_lines(self.folder / "metrics.jsonl")[after:]
 
     def row(self) -> dict:
-        """One line of the runs table: what `summary.json` says, or what the metrics so far say."""
+        """One line of the runs table: what `summary.json` says, or what the metrics so far say. Sections
+        of the wrong type (a hand-edited or foreign file) read as absent."""
         summary = self.summary or {}
-        run = summary.get("run", {})
-        lora = summary.get("adapter") or self.config.get(self.config.get("method") or "lora") or {}
+        run = _section(summary, "run")
+        method = self.config.get("method") if isinstance(self.config.get("method"), str) else "lora"
+        lora = _section(summary, "adapter") or _section(self.config, method)
         metrics = self.metrics()
-        comparison = summary.get("comparison") or {}
+        comparison = _section(summary, "comparison")
         return {
             "id": self.id, "status": self.status, "model": summary.get("model") or self.config.get("model"),
             "method": method_label(lora, summary.get("quantize", self.config.get("quantize"))), "r": lora.get("r"),
             "steps": run.get("steps", _last(metrics, "step")),
-            "max_steps": (self.config.get("train") or {}).get("max_steps"),
+            "max_steps": _section(self.config, "train").get("max_steps"),
             "seconds": run.get("seconds"), "tokens_per_second": run.get("tokens_per_second",
                                                                         _last(metrics, "tokens_per_second")),
             "peak_memory_mb": run.get("peak_memory_mb"),
             "train_loss": run.get("final_train_loss", _last(metrics, "loss")),
             "eval_loss": run.get("final_eval_loss", _last(metrics, "eval_loss")),
-            "exact_before": (comparison.get("base") or {}).get("exact_match"),
-            "exact_after": (comparison.get("adapter") or {}).get("exact_match"),
+            "exact_before": _section(comparison, "base").get("exact_match"),
+            "exact_after": _section(comparison, "adapter").get("exact_match"),
             "modified": self.folder.stat().st_mtime,
         }
+
+
+def _section(mapping: dict, key: str) -> dict:
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def method_label(lora: dict, quantize: str | None) -> str:
@@ -91,14 +98,17 @@ def method_label(lora: dict, quantize: str | None) -> str:
 
 
 def read_metrics_lines(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl: JSON objects with a numeric step (anything else is not ours: skipped)."""
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             break  # the line a running job is writing now
+        if isinstance(record, dict) and isinstance(record.get("step"), int | float):
+            records.append(record)
     return records
 
 
@@ -135,16 +145,21 @@ class RunIndex:
             summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else None
         except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise RunNotFound(f"Run {run_id!r}: its config.yaml or summary.json cannot be read ({error}).") from None
+        if summary is not None and not isinstance(summary, dict):  # not written by `lorakit train`
+            raise RunNotFound(f"Run {run_id!r}: its summary.json holds a {type(summary).__name__}, not a run summary.")
         return Run(run_id, folder, config if isinstance(config, dict) else {}, summary)
 
-    def all(self) -> list[Run]:
-        runs = []
+    def all(self) -> tuple[list[Run], list[str]]:
+        """(the runs, what could not be read): one broken folder never hides the others."""
+        runs, problems = [], []
         for run_id in self.ids():
             try:
-                runs.append(self.get(run_id))
-            except RunNotFound:
-                continue  # a run being written right now; the next refresh shows it
-        return runs
+                run = self.get(run_id)
+                run.row()  # a file of the wrong shape shows up here, not as a 500 of the whole page
+                runs.append(run)
+            except (RunNotFound, TypeError, ValueError, AttributeError) as error:  # being written, or not ours
+                problems.append(str(error) if isinstance(error, RunNotFound) else f"Run {run_id!r}: {error}")
+        return runs, problems
 
     def _folder(self, run_id: str) -> Path:
         missing = RunNotFound(f"No run {run_id!r} under {self.root}.")

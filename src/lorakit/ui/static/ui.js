@@ -26,6 +26,17 @@ const lk = {
     return { x: points.map((r) => r.step), y: points.map((r) => r[key]) };
   },
 
+  // Plotly renders trace names as its own markup (<a href>, <b>…): a run's name must be text there too.
+  plain: (text) => String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;"),
+
+  // A constant series (a constant learning rate) would get Plotly's default ±1 axis and sit at "0".
+  valueAxis(ys) {
+    const values = ys.filter((v) => typeof v === "number");
+    if (!values.length || Math.min(...values) !== Math.max(...values)) return { autorange: true, exponentformat: "e" };
+    const v = values[0];
+    return { range: v === 0 ? [-1, 1] : [Math.min(0, 2 * v), Math.max(0, 2 * v)], autorange: false, exponentformat: "e" };
+  },
+
   cell(row, text) {
     const td = document.createElement("td");
     td.textContent = text;
@@ -80,8 +91,10 @@ function runPage() {
     { ...train, name: "train loss", mode: "lines+markers" },
     { ...evals, name: "eval loss", mode: "lines+markers", line: { dash: "dash" } },
   ], lk.layout("Loss", "loss"), lk.config);
-  Plotly.newPlot("lr-chart", [{ ...lk.series(data.metrics, "learning_rate"), name: "learning rate", mode: "lines" }],
-                 lk.layout("Learning rate", "lr"), lk.config);
+  const rates = lk.series(data.metrics, "learning_rate");
+  const rateLayout = lk.layout("Learning rate", "lr");
+  rateLayout.yaxis = { ...rateLayout.yaxis, ...lk.valueAxis(rates.y) };
+  Plotly.newPlot("lr-chart", [{ ...rates, name: "learning rate", mode: "lines" }], rateLayout, lk.config);
   if (data.finished) return;
   let next = data.metrics.length;
   const follow = async () => {
@@ -97,6 +110,8 @@ function runPage() {
       const [t, e, lr] = [add("loss"), add("eval_loss"), add("learning_rate")];
       Plotly.extendTraces("loss-chart", { x: [t.x, e.x], y: [t.y, e.y] }, [0, 1]);
       Plotly.extendTraces("lr-chart", { x: [lr.x], y: [lr.y] }, [0]);
+      const chart = document.getElementById("lr-chart");
+      Plotly.relayout(chart, { yaxis: { ...chart.layout.yaxis, ...lk.valueAxis(chart.data[0].y) } });
       document.getElementById("run-step").textContent = body.records[body.records.length - 1].step;
     }
     if (body.finished) {
@@ -116,8 +131,9 @@ function comparePage() {
   const traces = [];
   lk.data().runs.forEach((run, i) => {
     const color = colors[i % colors.length];
-    traces.push({ ...lk.series(run.metrics, "loss"), name: `${run.id} train`, mode: "lines", line: { color } });
-    traces.push({ ...lk.series(run.metrics, "eval_loss"), name: `${run.id} eval`, mode: "lines+markers",
+    traces.push({ ...lk.series(run.metrics, "loss"), name: `${lk.plain(run.id)} train`, mode: "lines",
+                  line: { color } });
+    traces.push({ ...lk.series(run.metrics, "eval_loss"), name: `${lk.plain(run.id)} eval`, mode: "lines+markers",
                   line: { color, dash: "dash" } });
   });
   Plotly.newPlot("compare-chart", traces, lk.layout("Loss", "loss"), lk.config);
@@ -150,7 +166,8 @@ function adapterPage() {
     const form = new FormData(promote), name = promote.dataset.name;
     const gates = form.get("gates").split(",").map((g) => g.trim()).filter(Boolean);
     const body = { ref: `${name}@${form.get("version")}`, alias: form.get("alias"), gates,
-                   eval: form.get("eval") || null, allow_regression: form.get("allow_regression") === "on" };
+                   eval: form.get("eval") || null, allow_regression: form.get("allow_regression") === "on",
+                   new_base: form.get("new_base") === "on" };
     const gated = gates.length ? ` after its gates (${gates.join(", ")})` : "";
     send("/api/registry/promote", body, `Point ${name}:${body.alias} at v${form.get("version")}${gated}?`);
   });
