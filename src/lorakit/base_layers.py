@@ -23,6 +23,8 @@ def conv1d_type() -> type | None:
 def linear_features(base: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, weight_transposed) of a linear-like base layer; weight_transposed is
     PEFT's fan_in_fan_out: the weight is stored (in, out), as GPT-2's Conv1D does."""
+    while hasattr(base, "peft_type") and hasattr(base, "base_layer"):  # an adapted layer: what it stands for
+        base = base.base_layer
     conv1d = conv1d_type()
     if conv1d is not None and isinstance(base, conv1d):
         return base.nx, base.nf, True  # GPT-2's Conv1D stores its weight as (in, out)

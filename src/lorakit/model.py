@@ -56,9 +56,12 @@ class PeftModel(nn.Module):
     @classmethod
     def for_serving(cls, model: nn.Module, reserve: AdapterConfig) -> PeftModel:
         """A model with no adapter yet, for a server that loads them later: the modules `reserve` targets
-        are wrapped now, so every later load within them is a tensor write, never module surgery."""
+        are wrapped now, so every later load within them is a tensor write, never module surgery. An adapter
+        of another method (IA3, AdaLoRA, bottleneck) wraps its modules when it first loads — around what is
+        there (methods.layer_chain), between two engine steps."""
         self = cls(model.eval(), None)
         self.reserve_targets(reserve)
+        self.base_model.wrap_between_forwards = True
         return self
 
     def __getattr__(self, name: str):

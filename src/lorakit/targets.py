@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit.base_layers import conv1d_type
 from lorakit.errors import TargetModulesError
+from lorakit.methods import inner_module
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
@@ -76,8 +77,7 @@ def _all_linear(model: nn.Module, config) -> list[str]:
         heads.update(id(getattr(model, h)) for h in SEQ_CLS_HEADS if getattr(model, h, None) is not None)
     return [
         name for name, module in named_candidates(model)
-        if (is_linear(module) or (isinstance(module, AdapterLayer) and is_linear(module.base_layer)))
-        and id(module) not in heads
+        if is_linear(inner_module(module)) and not isinstance(module, ModulesToSaveWrapper) and id(module) not in heads
     ]
 
 

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from lorakit.adapters import AdapterSet
-from lorakit.errors import AdapterStateError, ConfigError
+from lorakit.errors import AdapterStateError
 from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
+from lorakit.methods import inner_module, layer_chain, layer_of
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
-from lorakit.methods.registry import acts_on_inputs, method_of, method_of_layer
+from lorakit.methods.registry import acts_on_inputs, method_of
 from lorakit.methods.virtual_tokens.encoders import VirtualTokenEncoders
 from lorakit.methods.virtual_tokens.inputs import RowTokens, extend_call, generate_extended
 from lorakit.routing import Routing, adapter_routing, current_routing, gradient_checkpointing_on
@@ -42,6 +43,9 @@ class LoraModel(nn.Module):
         self.adapter_set = adapter_set
         self.prompt_encoder = VirtualTokenEncoders()  # virtual-token adapters (prompt/prefix tuning), by name
         self.method_state: dict[str, object] = {}  # what a method keeps across steps (AdaLoRA's allocators)
+        # A serving model (PeftModel.for_serving) may wrap new modules while its engine runs: the write lock
+        # waits for the step in flight and holds the next back, and an engine step reads the tree afresh.
+        self.wrap_between_forwards = False
 
     def forward(self, input_ids=None, labels=None, **kwargs):
         """The wrapped model's forward. A causal LM's training call (labels, grad on, train mode) takes the
@@ -78,8 +82,8 @@ class LoraModel(nn.Module):
         for name, config in self.adapter_set.configs.items():
             step_of = getattr(method_of(config), "update_and_allocate", None)
             if step_of is not None and not config.inference_mode:
-                layers = {path: m for path, m in named_candidates(self.model)
-                          if isinstance(m, AdapterLayer) and m.holds(name)}
+                layers = {path: layer for path, m in named_candidates(self.model) for layer in layer_chain(m)
+                          if layer.holds(name)}
                 step_of(self.model, layers, name, config, global_step, self.method_state)
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
@@ -165,7 +169,7 @@ class LoraModel(nn.Module):
             return []
         targets, to_save = self._targets(config, plan)
         modules = dict(named_candidates(self.model))
-        return ([n for n in targets if not isinstance(modules[n], AdapterLayer)]
+        return ([n for n in targets if layer_of(modules[n], config.peft_type) is None]
                 + [n for n in to_save if not isinstance(modules[n], ModulesToSaveWrapper)])
 
     def reserve(self, config: Any) -> list[str]:
@@ -178,25 +182,24 @@ class LoraModel(nn.Module):
         return list(fresh)
 
     def _wrap(self, config: Any, targets: list[str]) -> dict[str, AdapterLayer]:
-        """New layers for the targets not wrapped yet; checks first, changes nothing."""
+        """New layers for the targets that hold no layer of this method yet (wrapped around whatever is there:
+        a plain module, or another method's layer — see methods.layer_chain); checks first, changes nothing."""
         method = method_of(config)
         modules = dict(named_candidates(self.model))
-        taken = [n for n in targets if isinstance(modules[n], AdapterLayer) and method_of_layer(modules[n]) is not method]
-        if taken:
-            raise ConfigError(f"{taken[0]} already holds {modules[taken[0]].peft_type} adapters; one module holds one "
-                              f"method's adapters. Leave it out of this {config.peft_type} adapter's target_modules.")
         method.check_targets(modules, targets, config)
-        fresh = {n: method.new_layer(modules[n], config) for n in targets if not isinstance(modules[n], AdapterLayer)}
+        fresh = {n: method.new_layer(modules[n], config) for n in targets
+                 if layer_of(modules[n], config.peft_type) is None}
         for layer in fresh.values():
             layer.adapter_set = self.adapter_set
         return fresh
 
     def install(self, adapter_name: str, config: Any, plan: LoadPlan | None = None) -> None:
         """Add a resolved config's adapter (with a checked file's tensors, if `plan`) under the set's write
-        lock. Wrapping new modules changes the tree, so that is refused while a forward is running."""
+        lock. Wrapping new modules changes the tree, so that is refused while a forward is running (a serving
+        model waits for it instead: `wrap_between_forwards`)."""
         adapters = self.adapter_set
         new_modules = self.unwrapped_targets(config, plan)
-        if new_modules and adapters.configs and adapters.lock.busy():
+        if new_modules and adapters.configs and adapters.lock.busy() and not self.wrap_between_forwards:
             raise AdapterStateError(
                 f"Adapter {adapter_name!r} targets modules not wrapped yet ({', '.join(new_modules[:3])}"
                 f"{', …' if len(new_modules) > 3 else ''}); wrapping them changes the module tree, which cannot happen "
@@ -231,7 +234,7 @@ class LoraModel(nn.Module):
         fresh = self._wrap(config, targets)
         modules = dict(named_candidates(self.model))
         for name in targets:  # from here on nothing raises on a config error
-            layer = fresh.get(name, modules[name])
+            layer = fresh.get(name) or layer_of(modules[name], config.peft_type)
             method.add_adapter(layer, adapter_name, config, name, plan.layers[name] if plan else None)
             if name in fresh:
                 self._replace(name, layer)
@@ -288,8 +291,9 @@ class LoraModel(nn.Module):
         for name, module in list(named_candidates(self.model)):
             if isinstance(module, AdapterLayer):
                 if not keep_trained_copies:
-                    module.restore_base()  # PiSSA/OLoRA moved part of W into the adapter
-                self._replace(name, module.base_layer)
+                    for layer in layer_chain(module):
+                        layer.restore_base()  # PiSSA/OLoRA moved part of W into the adapter
+                self._replace(name, inner_module(module))
             elif isinstance(module, ModulesToSaveWrapper):
                 self._replace(name, module.active_module() if keep_trained_copies else module.original_module)
         return self.model

@@ -109,12 +109,27 @@ def test_ia3_rows_beside_lora_rows_in_one_batch():
     assert_rows_equal_alone(ours.eval(), base, inputs, names, ATOL)
 
 
-def test_one_module_holds_one_methods_adapters():
-    ours, _, _ = twins("llama")
-    before = dict(ours.named_modules()).keys()
-    with pytest.raises(ConfigError, match="already holds IA3 adapters"):
-        ours.add_adapter("lora", lorakit.LoraConfig(r=2, target_modules=["k_proj"]))
-    assert dict(ours.named_modules()).keys() == before and list(ours.peft_config) == ["default"]
+def test_lora_and_ia3_on_one_module_each_row_equals_peft_with_that_adapter_alone(tmp_path):
+    """One module may hold several methods' adapters (methods.layer_chain): IA3 on k_proj/v_proj/down_proj
+    and LoRA on k_proj/q_proj, rows of each (and base rows) in one batch, each equal to PEFT's model
+    holding that adapter alone; each adapter's file is PEFT's, names as if it were alone."""
+    ours, theirs, base = twins("llama")
+    settings = dict(r=2, lora_alpha=4, target_modules=["k_proj", "q_proj"], init_lora_weights=False)
+    torch.manual_seed(3)
+    ours.add_adapter("lora", lorakit.LoraConfig(**settings))
+    ours.save_pretrained(tmp_path, selected_adapters=["lora", "default"])
+    peft_lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
+    peft_ia3 = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    inputs = inputs_for(base)
+    with torch.no_grad():
+        mixed = output_of(ours.eval(), inputs, adapter_names=["default", "lora", "__base__"])
+        for row, oracle in enumerate((theirs.eval(), peft_lora, base)):
+            one = {k: v[row:row + 1] for k, v in inputs.items()}
+            torch.testing.assert_close(mixed[row:row + 1], output_of(oracle, one), atol=ATOL, rtol=0, msg=str(row))
+        torch.testing.assert_close(output_of(peft_ia3, inputs), output_of(theirs, inputs), atol=ATOL, rtol=0)
+    loaded = lorakit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded.load_adapter(tmp_path / "lora", adapter_name="lora")
+    assert_rows_equal_alone(loaded.eval(), base, inputs, ["lora", "default", "__base__"], ATOL)
 
 
 def test_defaults_and_config_errors_follow_peft():

@@ -23,8 +23,7 @@ from torch import nn
 
 from lorakit.errors import AdapterConfigError, AdapterWeightsError, ConfigError
 from lorakit.files.fingerprint import base_modules
-from lorakit.methods import inner_module
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods import inner_module, layer_chain
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 from lorakit.methods.registry import is_adapter_parameter, method_of, method_of_layer
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
@@ -36,10 +35,11 @@ def adapter_tensors(base: nn.Module, adapter_name: str, config: Any) -> dict[str
     """The tensors that make up `adapter_name` in a wrapped base model, under PEFT's names."""
     out: dict[str, torch.Tensor] = {}
     for path, module in named_candidates(base):
-        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
-            for suffix, tensor in method_of_layer(module).tensors_of(module, adapter_name).items():
-                out[f"{PREFIX}{path}.{suffix}"] = tensor
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+        for layer in layer_chain(module):  # several methods may be stacked on one module: named by the module
+            if adapter_name in layer.adapters:
+                for suffix, tensor in method_of_layer(layer).tensors_of(layer, adapter_name).items():
+                    out[f"{PREFIX}{path}.{suffix}"] = tensor
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = value
     if config.bias != "none":  # biases are shared by all adapters (as in PEFT); named as in the model

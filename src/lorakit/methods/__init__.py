@@ -5,7 +5,7 @@ bookkeeping (`base_layer.py`) and whole-module copies (`modules_to_save.py`)."""
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
-__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "inner_module", "no_weight_conversion"]
+__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "inner_module", "layer_chain", "layer_of", "no_weight_conversion"]
 
 
 def inner_module(module):
@@ -14,6 +14,22 @@ def inner_module(module):
     while isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
         module = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
     return module
+
+
+def layer_chain(module) -> list[AdapterLayer]:
+    """The adapted layers stacked on one module, outermost first: a module may hold several methods'
+    adapters (LoRA and IA3 on one q_proj), each method's layer wrapping the one before it. Each layer
+    applies only the adapters it holds, so a row routed to one adapter passes the others untouched."""
+    chain = []
+    while isinstance(module, AdapterLayer):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
+def layer_of(module, peft_type: str) -> AdapterLayer | None:
+    """The layer of method `peft_type` on `module` (wherever it sits in the chain), or None."""
+    return next((layer for layer in layer_chain(module) if layer.peft_type == peft_type), None)
 
 
 def no_weight_conversion(method: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from lorakit.adapters import AdapterSet, SharesAdapterSet
 from lorakit.errors import AdapterStateError, MergeError
 from lorakit.quant import float_weight, keep_training_layout, quant_kind, requantize_like
-from lorakit.routing import Routing, current_routing
+from lorakit.routing import Routing, adapter_routing, current_routing
 
 
 def is_quantized_weight(weight: torch.Tensor) -> bool:
@@ -217,10 +218,14 @@ class AdapterLayer(SharesAdapterSet, nn.Module):
         if not routing.reference and not torch.is_grad_enabled() and not self.training_dropout():
             plain = self.banked_output(flat_x, out, routing, per_entry)
         groups = routing.groups(x.device, per_entry)
+        stacked = isinstance(self.base_layer, AdapterLayer)  # another method's layer inside (methods.layer_chain)
         for name in routing.adapters() if plain is None else plain:  # the plain path: a GEMM pair per group
             if self.holds(name):  # this layer may not be targeted by every adapter
                 tokens = groups[name]
-                delta = self.adapter_output(flat_x.index_select(0, tokens), name, out.index_select(0, tokens))
+                # A method that runs its base on the group's tokens (IA3 on inputs) calls the layers inside
+                # with those tokens only: they get the group's routing, so they pass its rows untouched.
+                with adapter_routing(Routing([name] * len(tokens), per_token=True)) if stacked else nullcontext():
+                    delta = self.adapter_output(flat_x.index_select(0, tokens), name, out.index_select(0, tokens))
                 out.index_add_(0, tokens, delta.to(out.dtype))
         for name in self.withheld_adapters():  # entries of other adapters and __base__ get the original base
             tokens = routing.tokens_not_using(name, x.device, per_entry)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
-from lorakit.methods import inner_module, no_weight_conversion
+from lorakit.methods import inner_module, layer_of, no_weight_conversion
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.ia3.config import DEFAULT_FEEDFORWARD, IA3Config
 from lorakit.methods.ia3.layer import IA3Linear
@@ -43,8 +43,9 @@ class IA3Method:
         return layer
 
     def _feedforward(self, module: nn.Module, config: IA3Config, module_name: str) -> bool:
-        if isinstance(module, IA3Linear) and module.adapters:
-            return module.is_feedforward  # fixed by the layer's first adapter
+        layer = layer_of(module, self.peft_type)  # the IA3 layer on this module, wherever it sits in the chain
+        if layer is not None and layer.adapters:
+            return layer.is_feedforward  # fixed by the layer's first adapter
         return bool(config.feedforward_modules) and matches(config.feedforward_modules, module_name)
 
     def add_adapter(self, layer: AdapterLayer, name: str, config: IA3Config, module_name: str,

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from lorakit.errors import AdapterNameError, ConfigError
+from lorakit.methods import layer_of
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.targets import named_candidates
@@ -62,7 +63,7 @@ def add_weighted_adapter(
     new_rank = {"linear": ranks[0], "cat": sum(ranks), "svd": svd_rank or max(ranks)}[combination_type]
     # The blend lives exactly where its inputs live: their module paths, as full names.
     targets = [path for path, m in named_candidates(model.get_base_model())
-               if isinstance(m, AdapterLayer) and any(a in m.r for a in adapters)]
+               if (layer := layer_of(m, "LORA")) is not None and any(a in layer.r for a in adapters)]
     saved = [s for s in (c.modules_to_save or [] for c in configs) if s]
     if len(saved) > 1:
         raise AdapterNameError("Cannot blend adapters that each have their own modules_to_save copies.")
@@ -72,7 +73,7 @@ def add_weighted_adapter(
     model.add_adapter(adapter_name, config)
     with torch.no_grad():
         for layer in model.base_model.adapter_layers():
-            if adapter_name in layer.r:
+            if layer.peft_type == "LORA" and adapter_name in layer.r:
                 a, b = _blend(layer, adapters, weights, combination_type, new_rank)
                 target_a, target_b = layer.factors(adapter_name)
                 target_a.zero_()
