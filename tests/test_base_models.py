@@ -52,14 +52,19 @@ def test_smollm2_parity_with_peft(smollm2, capsys):
     # The fused LoRA op folds the scaling into addmm: the logits agree to float rounding; 1e-5 is the bar.
     torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
     peft_grads = dict(theirs.named_parameters())
+    # Gradients here reach |g| ≈ 13 after 30 layers, and the fast path (fused LoRA op, chunked loss) sums
+    # in another order than PEFT: measured differences ≤ 1e-5 at that scale, i.e. ~1e-6 relative. So 1e-5
+    # is applied relative to the gradient's own scale (min 1). On failure: every parameter over its bar,
+    # the worst first, with the difference and the bar (the numbers needed to judge a flake).
+    over = []
     for name, param in ours.named_parameters():
         if param.requires_grad:
-            # Gradients here reach |g| ≈ 13 after 30 layers, and the fast path (fused LoRA op, chunked
-            # loss) sums in another order than PEFT: measured differences ≤ 1e-5 at that scale, i.e.
-            # ~1e-6 relative. So 1e-5 is applied relative to the gradient's own scale (min 1).
             expected = peft_grads[name].grad
             atol = 1e-5 * max(1.0, expected.abs().max().item())
-            torch.testing.assert_close(param.grad, expected, atol=atol, rtol=0, msg=name)
+            difference = (param.grad - expected).abs().max().item()
+            if not difference <= atol:
+                over.append((difference / atol, name, difference, atol))
+    assert not over, "gradients over the bar (ratio, name, max |difference|, bar): " + str(sorted(over, reverse=True)[:10])
 
 
 def test_the_public_id_of_a_builtin_model_names_the_same_model():

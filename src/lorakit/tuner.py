@@ -82,9 +82,11 @@ class LoraModel(nn.Module):
         for name, config in self.adapter_set.configs.items():
             step_of = getattr(method_of(config), "update_and_allocate", None)
             if step_of is not None and not config.inference_mode:
-                layers = {path: layer for path, m in named_candidates(self.model) for layer in layer_chain(m)
-                          if layer.holds(name)}
-                step_of(self.model, layers, name, config, global_step, self.method_state)
+                step_of(self.model, self.layers_holding(name), name, config, global_step, self.method_state)
+
+    def layers_holding(self, name: str) -> dict[str, AdapterLayer]:
+        """{module path: the layer on it that holds adapter `name`}."""
+        return {path: layer for path, m in named_candidates(self.model) for layer in layer_chain(m) if layer.holds(name)}
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         """The wrapped model's generate under one routing for every step (each row repeated for beams

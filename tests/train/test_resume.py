@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -79,3 +80,51 @@ def test_resume_refuses_a_changed_config_and_a_run_without_checkpoints(tmp_path,
     result = runner.invoke(app, ["train", str(config), "--resume", "--set", "train.max_steps=3"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["run"]["steps"] == 3
+
+
+# Dies by SIGKILL as step 4 starts: checkpoint-2 is the newest complete one.
+KILL_AT_STEP_3 = textwrap.dedent("""
+    import os, signal, sys
+    from lorakit.train.trainer import LoraTrainer
+    from lorakit.cli import app
+
+    original = LoraTrainer.training_step
+
+    def dying(self, *args, **kwargs):
+        if self.state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *args, **kwargs)
+
+    LoraTrainer.training_step = dying
+    app(sys.argv[1:])
+""")
+METHODS = {  # what PEFT's file alone cannot resume: an encoder's weights, AdaLoRA's masks and scores
+    "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16},
+    "prefix_tuning": {"num_virtual_tokens": 4, "prefix_projection": True, "encoder_hidden_size": 16},
+    "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "deltaT": 1},
+    "ia3": {},
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_killed_at_step_3_resumes_to_the_uninterrupted_adapter(tmp_path, chat_model_dir, method):
+    settings = {"method": method, method: METHODS[method],
+                "train": {"max_steps": 6, "save_steps": 2, "eval_steps": 3, "learning_rate": 1e-2}}
+    whole_dir, killed_dir = tmp_path / "whole", tmp_path / "killed"
+    whole_dir.mkdir(), killed_dir.mkdir()
+    whole, killed = job_yaml(whole_dir, chat_model_dir, **settings), job_yaml(killed_dir, chat_model_dir, **settings)
+    assert runner.invoke(app, ["train", str(whole)]).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_3, "train", str(killed)], env=env, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    result = runner.invoke(app, ["train", str(killed), "--resume"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run = killed_dir / "run"
+    assert json.loads((run / "summary.json").read_text())["run"]["resumed_from"] == 2
+    ours, reference = read_adapter(run / "adapter"), read_adapter(whole_dir / "run" / "adapter")
+    assert ours.tensors.keys() == reference.tensors.keys()
+    for key in ours.tensors:
+        torch.testing.assert_close(ours.tensors[key], reference.tensors[key], atol=1e-6, rtol=0, msg=key)
+    if method == "adalora":
+        assert ours.config.rank_pattern == reference.config.rank_pattern

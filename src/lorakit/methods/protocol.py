@@ -77,6 +77,8 @@ class AdapterMethod(Protocol):
     # Optional (AdaLoRA has them; the tuner asks with getattr):
     #   loss_term(model, name, config) -> Tensor | None         added to every loss (PEFT's orth. regulariser)
     #   update_and_allocate(model, layers, name, config, step, state)   after each optimizer step
+    #   resume_state(layers, name, config, state) -> (tensors, json)     what a checkpoint needs beyond parameters
+    #   restore_resume_state(model, layers, name, config, state, tensors, json)   its inverse, on resume
 
 
 class VirtualTokenMethod(Protocol):

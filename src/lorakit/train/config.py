@@ -188,7 +188,12 @@ class JobConfig(Section):
         return paths
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The resolved job; the `lora:` defaults are left out when another method trains (read back, they
+        would be a section the job refuses: a run's config.yaml must load for --resume and retrain)."""
+        data = self.model_dump(mode="json")
+        if self.method != "lora":
+            data.pop("lora")
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -10,8 +10,11 @@ file. `AdapterCheckpoints` changes three things and nothing else, for any Traine
 - a checkpoint counts only once `lorakit-checkpoint.json` is written, last and atomically.
   A run killed mid-save leaves a folder without it, which `--resume` deletes and skips;
   older checkpoints are pruned only after the new one is complete;
-- resuming copies the checkpoint's adapter tensors into the live adapter (checked key by
-  key and shape by shape), then Trainer restores optimizer, scheduler, RNG and data order.
+- a checkpoint also holds every trainable parameter and the methods' step state
+  (train_state.py: P-tuning's encoder, AdaLoRA's masks and scores — more than PEFT's file);
+  resuming copies them into the live model (checked key by key and shape by shape; an older
+  checkpoint without them: the PEFT files), then Trainer restores optimizer, scheduler, RNG
+  and data order.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from transformers import Trainer
 
 from lorakit.errors import AdapterWeightsError, ConfigError
 from lorakit.files.format import adapter_dir, read_adapter, write_text_atomic
+from lorakit.train.train_state import restore_train_state, save_train_state
 
 COMPLETE_MARK = "lorakit-checkpoint.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -49,11 +53,13 @@ class AdapterCheckpoints:
         super()._save_checkpoint(model, trial)  # save_total_limit is unset: Trainer deletes nothing
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            save_train_state(self.model, folder)
             write_text_atomic(folder / COMPLETE_MARK, json.dumps({"step": self.state.global_step}) + "\n")
             prune_checkpoints(folder.parent, self.keep_checkpoints)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        restore_adapters(self.model, Path(resume_from_checkpoint))
+        if not restore_train_state(self.model, Path(resume_from_checkpoint)):
+            restore_adapters(self.model, Path(resume_from_checkpoint))  # a checkpoint of an older lorakit
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Trainer restores the optimizer's saved learning rate, which is the schedule's value for the

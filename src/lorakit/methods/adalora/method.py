@@ -125,5 +125,31 @@ class AdaLoraMethod:
                 if kept is not None and name in layer.kept:
                     layer.kept[name] = torch.tensor(kept, dtype=torch.bool)
 
+    def resume_state(self, layers: dict[str, SVDLinear], name: str, config: AdaLoraConfig,
+                     state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+        """What a resumed run needs besides the parameters: each layer's kept triplets, the rank pattern,
+        and the allocator's smoothed importance scores (PEFT's checkpoints lose these)."""
+        tensors = {f"kept/{path}": layer.kept[name].to(torch.uint8) for path, layer in layers.items()
+                   if name in layer.kept}
+        allocator = state.get(name)
+        if allocator is not None:
+            for kind in SCORES:
+                tensors.update({f"{kind}/{pname}": score for pname, score in getattr(allocator, kind).items()})
+        return tensors, {"rank_pattern": config.rank_pattern or None, "allocator": allocator is not None}
 
+    def restore_resume_state(self, model: nn.Module, layers: dict[str, SVDLinear], name: str, config: AdaLoraConfig,
+                             state: dict[str, Any], tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        config.rank_pattern = meta["rank_pattern"]
+        for path, layer in layers.items():
+            if f"kept/{path}" in tensors:
+                layer.kept[name] = tensors[f"kept/{path}"].bool()
+        state.pop(name, None)
+        if meta["allocator"]:
+            allocator = state[name] = RankAllocator(model, config, name)
+            for kind in SCORES:
+                scores = {key.split("/", 1)[1]: t for key, t in tensors.items() if key.startswith(f"{kind}/")}
+                setattr(allocator, kind, scores)
+
+
+SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # RankAllocator's per-parameter statistics
 ADALORA = AdaLoraMethod()
