@@ -28,6 +28,14 @@ class Ranks:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def finish(self) -> None:
+        """After training: every rank waits for the others, then takes its process group down itself. Left to
+        interpreter shutdown, gloo's threads were torn down in an order that aborted a rank now and then
+        ("terminate called without an active exception"), and torchrun then killed the run at its last step."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 SINGLE_PROCESS = Ranks()
 
