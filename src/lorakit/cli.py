@@ -234,8 +234,10 @@ def train(
         typer.echo(job.to_yaml(), nl=False)
         return
     if nproc > 1:
+        from lorakit.train.job import preflight
         from lorakit.train.launch import torchrun
 
+        _or_exit(preflight, job, resume, overwrite)
         raise typer.Exit(torchrun(nproc, ["train", str(config), *(f"--set={s}" for s in set_),
                                           *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else [])]))
     from lorakit.train.job import run_train

@@ -21,7 +21,7 @@ from lorakit.files.format import AdapterFiles, read_adapter
 from lorakit.files.tensors import LoadPlan, plan_load
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.registry import METHODS, method_of
-from lorakit.targets import SEQ_CLS_HEADS
+from lorakit.targets import SEQ_CLS_HEADS, expand_all_linear
 
 
 def name_or_path(model: nn.Module) -> str | None:
@@ -43,6 +43,9 @@ def resolve_config(model: nn.Module, peft_config: Any, model_task: str | None = 
         raise ConfigError(f"Expected a lorakit adapter config ({', '.join(sorted(c.__name__ for c in known))}), "
                           f"got {type(peft_config).__name__}.")
     config = copy.deepcopy(peft_config)
+    union = expand_all_linear(model, config) if hasattr(config, "target_modules") else None
+    if union is not None:
+        config.target_modules = union
     method_of(config).prepare_config(model, config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = name_or_path(model)

@@ -81,6 +81,17 @@ def _all_linear(model: nn.Module, config) -> list[str]:
     ]
 
 
+def expand_all_linear(model: nn.Module, config) -> list[str] | None:
+    """A target list that names "all-linear" beside other modules (Axolotl's `lora_target_linear` with
+    `lora_target_modules`: the union) as the plain list PEFT reads: every linear layer's short name plus the
+    others. None when the list has no "all-linear"."""
+    spec = config.target_modules
+    if not isinstance(spec, list | tuple) or "all-linear" not in spec:
+        return None
+    linear = dict.fromkeys(name.rsplit(".", 1)[-1] for name in _all_linear(model, config))
+    return [*linear, *(s for s in spec if s != "all-linear" and s not in linear)]
+
+
 def find_target_modules(model: nn.Module, config) -> list[str]:
     """Full names of the modules `config` adapts; raises TargetModulesError if none or unadaptable."""
     spec = config.target_modules

@@ -51,7 +51,7 @@ def test_every_documented_key_is_in_the_exported_schema():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("data.eval_fraction=1.5", "data.eval_fraction must be > 0 and < 1, got 1.5."),
+    ("data.eval_fraction=1.5", "data.eval_fraction must be >= 0 and < 1, got 1.5."),
     ("train.warmup_ratio=-0.1", "train.warmup_ratio must be >= 0 and < 1, got -0.1."),
     ("eval.samples=-1", "eval.samples must be >= 0, got -1."),
     ("train.batch_size=true", "train.batch_size must be int, got True."),

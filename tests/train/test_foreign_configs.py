@@ -62,6 +62,7 @@ def imported(config: Path, mapped: dict[str, str], ignored: list[str]) -> tuple[
 
 AXOLOTL_MAPPED = {
     "base_model": "model", "load_in_4bit": "quantize", "datasets": "data.train", "datasets[].type": "data.format",
+    "datasets[].type (prompt)": "data.prompt_style", "val_set_size": "data.eval_fraction",
     "output_dir": "output_dir", "sequence_len": "data.max_seq_len", "sample_packing": "data.packing",
     "lora_r": "lora.r", "lora_alpha": "lora.lora_alpha", "lora_dropout": "lora.lora_dropout",
     "lora_target_linear": "lora.target_modules", "gradient_accumulation_steps": "train.grad_accum",
@@ -70,7 +71,7 @@ AXOLOTL_MAPPED = {
     "train_on_inputs": "data.train_on_prompt", "bf16": "train.bf16", "gradient_checkpointing": "train.gradient_checkpointing",
     "logging_steps": "train.logging_steps", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
 }
-AXOLOTL_IGNORED = ["model_type", "tokenizer_type", "load_in_8bit", "strict", "dataset_prepared_path", "val_set_size",
+AXOLOTL_IGNORED = ["model_type", "tokenizer_type", "load_in_8bit", "strict", "dataset_prepared_path",
                    "adapter", "lora_model_dir", "pad_to_sequence_len", "lora_target_modules", "lora_fan_in_fan_out",
                    "wandb_project", "wandb_entity", "wandb_watch", "wandb_name", "wandb_log_model", "group_by_length",
                    "fp16", "tf32", "early_stopping_patience", "resume_from_checkpoint", "local_rank",
@@ -86,9 +87,10 @@ def test_axolotl_qlora_example_maps_key_by_key_and_trains(tmp_path, wide_chat_mo
     assert written["quantize"] == "nf4" and written["lora"] == {"r": 32, "lora_alpha": 16, "lora_dropout": 0.05,
                                                                 "target_modules": "all-linear"}
     assert written["train"]["optimizer"] == "paged_adamw_32bit" and written["train"]["epochs"] == 4
-    assert written["train"]["bf16"] is False  # bf16: auto on a machine without a bf16 GPU
-    assert written["data"] == {"train": str(tmp_path / "alpaca.jsonl"), "format": "alpaca", "max_seq_len": 4096,
-                               "packing": True, "train_on_prompt": False}
+    assert written["train"]["bf16"] == "auto"  # decided when the run starts, on the machine that trains
+    assert written["data"] == {"train": str(tmp_path / "alpaca.jsonl"), "format": "alpaca", "prompt_style": "alpaca",
+                               "eval_fraction": 0.0, "max_seq_len": 4096, "packing": True, "train_on_prompt": False,
+                               "too_long": "drop"}
     # the imported YAML and the Axolotl file itself resolve to the same job
     assert load_job_config(report["written"]).to_dict() == load_job_config(config).to_dict()
 
@@ -107,9 +109,9 @@ LLAMAFACTORY_MAPPED = {
     "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
     "learning_rate": "train.learning_rate", "num_train_epochs": "train.epochs", "lr_scheduler_type": "train.lr_scheduler",
     "warmup_ratio": "train.warmup_ratio", "bf16": "train.bf16", "val_size": "data.eval_fraction",
-    "per_device_eval_batch_size": "eval.batch_size", "eval_steps": "train.eval_steps",
+    "per_device_eval_batch_size": "eval.batch_size", "eval_steps": "train.eval_steps", "max_samples": "data.train_split",
 }
-LLAMAFACTORY_IGNORED = ["trust_remote_code", "stage", "do_train", "finetuning_type", "template", "max_samples",
+LLAMAFACTORY_IGNORED = ["trust_remote_code", "stage", "do_train", "finetuning_type", "template",
                         "overwrite_cache", "preprocessing_num_workers", "plot_loss", "overwrite_output_dir",
                         "ddp_timeout", "eval_strategy"]
 
@@ -135,12 +137,12 @@ def test_llamafactory_lora_sft_example_maps_key_by_key_and_trains(tmp_path, chat
 
 
 @pytest.mark.parametrize("changes, expected", [
-    ({"lora_rr": 8}, "axolotl config: unknown key 'lora_rr'. Did you mean 'lora_r'?"),
+    ({"lora_rr": 8}, "unknown key(s) 'lora_rr' (did you mean 'lora_r'?)"),
     ({"adapter": "ia3"}, "lorakit trains LoRA adapters here"),
     ({"lora_model_dir": "./old-adapter"}, "continuing from an existing adapter is not supported"),
     ({"datasets": [{"path": "tatsu-lab/alpaca", "type": "alpaca"}]}, "lorakit reads local JSON, JSONL or CSV files and "
                                                                       "never downloads data"),
-    ({"datasets": [{"path": "alpaca.jsonl", "type": "input_output"}]}, "lorakit reads alpaca, sharegpt, chat_template"),
+    ({"datasets": [{"path": "alpaca.jsonl", "type": "input_output"}]}, "lorakit reads alpaca, alpaca:chat, chat_template"),
     ({"learning_rate": "fast"}, "train.learning_rate"),
 ])
 def test_axolotl_keys_lorakit_cannot_honour_are_refused(tmp_path, chat_model_dir, changes, expected):
@@ -153,8 +155,8 @@ def test_axolotl_keys_lorakit_cannot_honour_are_refused(tmp_path, chat_model_dir
 def test_llamafactory_refusals_name_the_fix(tmp_path, chat_model_dir):
     for changes, expected in [({"stage": "dpo"}, "supervised fine-tuning only"),
                               ({"finetuning_type": "full"}, "finetuning_type: lora"),
-                              ({"dataset": "identity,missing"}, "dataset 'missing' is not in"),
-                              ({"lora_ranks": 8}, "Did you mean 'lora_rank'?")]:
+                              ({"dataset": "identity,missing"}, "dataset: 'missing': not in"),
+                              ({"lora_ranks": 8}, "did you mean 'lora_rank'")]:
         folder = tmp_path / str(len(list(tmp_path.iterdir())))
         folder.mkdir()
         with pytest.raises(ConfigError, match=expected):
@@ -207,7 +209,7 @@ def test_llamafactory_dataset_info_layouts_read_as_they_are_or_refused(tmp_path,
     info.write_text(json.dumps({"chats": entry}))
     (tmp_path / "data" / "chats.json").write_text("[]")
     if expected is None:
-        with pytest.raises(ConfigError, match="lorakit does not re-map"):
+        with pytest.raises(ConfigError, match="rename the file's fields"):
             to_lorakit(yaml.safe_load(config.read_text()), config)
     else:
         assert to_lorakit(yaml.safe_load(config.read_text()), config).config["data"]["format"] == expected

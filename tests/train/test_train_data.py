@@ -88,9 +88,9 @@ def test_packed_rows_attend_within_each_example_only(chat_model_dir, tokenizer):
     rows = pack(examples, max_len=200)
     assert len(rows) == 1
     batch = Collator(tokenizer.pad_token_id)(rows)
-    assert "attention_mask" not in batch
-    with torch.no_grad():
-        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    assert batch["attention_mask"].sum() == len(rows[0]["input_ids"])  # for Trainer's token count only ...
+    with torch.no_grad():  # ... LoraTrainer.compute_loss takes it out: the forward sees position_ids alone
+        packed = model(**{k: v for k, v in batch.items() if k not in ("labels", "attention_mask")}).logits[0]
         start = 0
         for example in sorted(examples, key=lambda e: -len(e.input_ids)):  # pack's order
             n = len(example.input_ids)

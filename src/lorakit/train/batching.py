@@ -32,7 +32,9 @@ def pack(examples: list[Example], max_len: int) -> list[dict[str, list[int]]]:
 
 
 class Collator:
-    """Right-pads a batch into tensors; packed rows keep position_ids and get no attention mask."""
+    """Right-pads a batch into tensors. Packed rows keep position_ids (their block-diagonal attention); their
+    attention mask only tells HF Trainer which tokens are real, for its token count (tokens/s without the
+    padding), and LoraTrainer takes it out before the forward, which must not see it (trainer.py)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -53,5 +55,6 @@ class Collator:
                 positions[i, :n] = torch.tensor(row["position_ids"])
                 positions[i, n:] = torch.arange(width - n)
         if packed:  # a KV cache (on by default in eval) would turn the packed-sequence detection off
-            return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False}
+            return {"input_ids": ids, "labels": labels, "position_ids": positions, "use_cache": False,
+                    "attention_mask": mask}
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -66,9 +66,19 @@ class DataConfig(Section):
                             "| auto (decided from the columns).")
     max_seq_len: int = Field(512, gt=0, description="Longer examples are cut (and counted); loss-free leftovers dropped.")
     packing: bool = Field(False, description="Several examples per row, attention kept within each example.")
-    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of train held out when data.eval is unset.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of train held out when data.eval is unset; 0: "
+                                 "none (the before/after table then runs on training examples, and says so).")
+    eval_count: int | None = Field(None, gt=0, description="A number of train examples to hold out, instead of "
+                                                           "eval_fraction.")
+    train_split: str | None = Field(None, description="An HF split slice of each training file, e.g. train[:20%].")
+    eval_split: str | None = Field(None, description="An HF split slice of each eval file.")
     train_on_prompt: bool = Field(False, description="True: the loss also covers prompt / user tokens.")
     chat_template: bool = Field(True, description="Render prompt/completion pairs with the tokenizer's chat template.")
+    prompt_style: Literal["template", "alpaca", "alpaca_chat"] = Field(
+        "template", description="Alpaca records: the tokenizer's chat template, or Axolotl's Alpaca prompt "
+                                "(alpaca: '### Instruction:', alpaca_chat: 'USER:'), as Axolotl's type: alpaca trains.")
+    too_long: Literal["truncate", "drop"] = Field(
+        "truncate", description="An example over max_seq_len: cut it (lorakit, LLaMA-Factory) or drop it (Axolotl).")
 
 
 class TrainConfig(Section):
@@ -81,6 +91,9 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up.")
     warmup_steps: int | None = Field(None, ge=0, description="Warm-up steps; when set, warmup_ratio is not used.")
     weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
     optimizer: Literal[OPTIMIZERS] = "adamw"
     loraplus_lr_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate = ratio x A's (16).")
@@ -92,7 +105,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0, description="The newest K complete checkpoints are kept.")
     gradient_checkpointing: bool = False
     torch_compile: bool = Field(False, description="Compile the decoder layers; the first step includes compiling.")
-    bf16: bool = Field(False, description="bf16 autocast (weights and adapters stay fp32), as GPU users train.")
+    bf16: bool | Literal["auto"] = Field(False, description="bf16 autocast (weights and adapters stay fp32), as GPU "
+                                                          "users train; auto: where the GPU has bf16 (decided when the "
+                                                          "run starts).")
     fp16: bool = Field(False, description="fp16 autocast with loss scaling; needs a CUDA GPU.")
     fsdp: bool = Field(False, description="Shard the frozen base with FSDP (HF Trainer's fsdp; CUDA GPUs, under "
                                           "torchrun / --nproc).")
@@ -107,6 +122,16 @@ class TrainConfig(Section):
         if self.epochs is None and self.max_steps is None:
             object.__setattr__(self, "max_steps", 200)  # the default, without re-running validation
         return self
+
+    @property
+    def bf16_on(self) -> bool:
+        """train.bf16 as this machine runs it: "auto" is bf16 where the GPU has it (Axolotl's rule), decided now
+        — when the run starts, not when the config was written."""
+        if self.bf16 == "auto":
+            import torch
+
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return bool(self.bf16)
 
     def length(self) -> str:
         """How long the run is, as the user wrote it (for messages)."""
@@ -137,6 +162,8 @@ warnings.filterwarnings("ignore", message='Field name "register" in "JobConfig"'
 class JobConfig(Section):
     model: str = Field(DEFAULT_MODEL, description="Built-in alias or a local transformers directory.")
     quantize: Literal[QUANTIZE] = Field(None, description="Load the base in 4 or 8 bits (QLoRA): nf4 | fp4 | int8.")
+    double_quant: bool = Field(True, description="4-bit bases: also quantize the quantization constants (QLoRA's "
+                                                 "double quantization).")
     method: Literal[METHOD_NAMES] = Field("lora", description="The adapter method; its section (lora:, ia3:, "
                                           "adalora:, …) holds its config fields.")
     lora: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LORA),
@@ -278,12 +305,18 @@ def _apply_override(raw: dict[str, Any], item: str) -> str:
 
 
 def check_job(config: JobConfig) -> None:
-    """What a single field's type and range cannot say: data is given, the machine runs the
-    precision, the LoRA config builds. Data files are checked when the data is read."""
+    """What a single field's type and range cannot say: the config is whole (`check_config`) and this
+    machine runs its precision and sharding. Data files are checked when the data is read."""
+    check_config(config)
+    check_precision(config.train.bf16_on, config.train.fp16)
+    check_sharding(config.train)
+
+
+def check_config(config: JobConfig) -> None:
+    """The checks that hold on any machine: data is given, one method's section, its adapter config builds
+    (so `lora_r: sixteen` fails where it is written, not when a run starts)."""
     if not config.data.train:
         raise DataError("data.train is required: the path of a JSONL, JSON or CSV file of training examples.")
-    check_precision(config.train.bf16, config.train.fp16)
-    check_sharding(config.train)
     given = [name for name in METHOD_NAMES if name not in ("lora", config.method) and getattr(config, name) is not None]
     if given or (config.method != "lora" and "lora" in config.model_fields_set):
         section = given[0] if given else "lora"

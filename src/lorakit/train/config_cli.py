@@ -20,12 +20,13 @@ STATUS_STYLE = {"mapped": "green", "default": "cyan", "ignored": "yellow"}
 def import_config(
     file: Path = typer.Argument(..., help="An Axolotl or LLaMA-Factory training YAML."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Where to write (default: FILE.lorakit.yaml beside it)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file at --out (never FILE itself)."),
     as_json: bool = typer.Option(False, "--json", help="Print the mapping rows as JSON."),
 ) -> None:
     """Write the equivalent lorakit YAML and show, key by key, what mapped, what was ignored and why."""
     from lorakit.cli import _or_exit
 
-    rows, written, dialect = _or_exit(write_import, file, out)
+    rows, written, dialect = _or_exit(write_import, file, out, force)
     if as_json:
         typer.echo(json.dumps({"dialect": dialect, "written": str(written), "rows": [vars(r) for r in rows]},
                               indent=2, default=str))
@@ -60,11 +61,12 @@ def keys(dialect: str = typer.Argument(..., help="axolotl | llamafactory")) -> N
     typer.echo("\n".join(_or_exit(listed)))
 
 
-def write_import(file: Path, out: Path | None):
-    """(rows, the file written, the dialect); the written config is checked against the schema first."""
+def write_import(file: Path, out: Path | None, force: bool = False):
+    """(rows, the file written, the dialect). What is written is checked as `lorakit train` would check it
+    (schema, the adapter config) first; an existing file is replaced only with `force`, the source never."""
     from lorakit.errors import ConfigError
     from lorakit.files.format import write_text_atomic
-    from lorakit.train.config import JobConfig, read_yaml
+    from lorakit.train.config import JobConfig, check_config, read_yaml
     from lorakit.train.config_errors import validated
     from lorakit.train.foreign import to_lorakit
 
@@ -72,8 +74,12 @@ def write_import(file: Path, out: Path | None):
     if imported.dialect == "lorakit":
         raise ConfigError(f"{file} is not an Axolotl or LLaMA-Factory config (it has none of their keys, or has "
                           "lorakit's sections); `lorakit train` reads it as it is.")
-    validated(JobConfig, imported.config)
     target = out or file.with_name(f"{file.stem}.lorakit.yaml")
+    if target.exists() and target.resolve() == file.resolve():
+        raise ConfigError(f"{target} is the file being imported; write the lorakit config elsewhere (-o).")
+    if target.exists() and not force:
+        raise ConfigError(f"{target} exists; pass --force to replace it, or choose another -o.")
+    check_config(validated(JobConfig, imported.config))
     header = f"# lorakit job, imported from the {imported.dialect} config {file.resolve()} (`lorakit config import`)\n"
     write_text_atomic(target, header + yaml.safe_dump(imported.config, sort_keys=False))
     return imported.rows, target, imported.dialect

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import DataError
+from lorakit.train.splits import apply_split
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
 # In the order `auto` tries them: an Alpaca file often carries a pre-rendered "text" column too.
@@ -165,8 +166,17 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
 
 
 def text_content(message: dict, number: int) -> dict:
-    """The message with list-of-parts content (OpenAI's [{"type": "text", "text": ...}]) as one string;
-    templates written for string content (most, SmolLM2's included) cannot concatenate a list."""
+    """The message as the chat template wants it: ShareGPT spellings read as OpenAI's (`from`/`value`,
+    roles human/gpt), LLaMA-Factory v1's `loss_weight` as OpenAI's `weight`, and list-of-parts content
+    (OpenAI's [{"type": "text", "text": ...}], LLaMA-Factory v1's {"type": "text", "value": ...}) as one
+    string — templates written for string content (most, SmolLM2's included) cannot concatenate a list."""
+    if "role" not in message and "from" in message:
+        message = {**{k: v for k, v in message.items() if k not in ("from", "value")}, "role": message["from"],
+                   "content": message.get("value")}
+    if message.get("role") in ("human", "gpt"):
+        message = {**message, "role": SHAREGPT_ROLES[message["role"]]}
+    if "loss_weight" in message and "weight" not in message:
+        message = {**{k: v for k, v in message.items() if k != "loss_weight"}, "weight": message["loss_weight"]}
     content = message.get("content")
     if not isinstance(content, list):
         return message
@@ -174,13 +184,16 @@ def text_content(message: dict, number: int) -> dict:
     if kinds - {"text"}:
         raise DataError(f"message {number} has content parts of type {sorted(map(str, kinds - {'text'}))}; only "
                         "text parts can be trained on (render other parts to text, or drop the record).")
-    return {**message, "content": "".join(part.get("text", "") for part in content)}
+    texts = [part["text"] if "text" in part else part.get("value") for part in content]
+    if any(not isinstance(text, str) for text in texts):
+        raise DataError(f"message {number} has a text part without a string 'text' (or 'value'): {content!r:.120}")
+    return {**message, "content": "".join(texts)}
 
 
 def rendered_chat(tokenizer, messages) -> tuple[list[dict], list[int]]:
     """(messages, token ids) of a chat the template renders, or a DataError naming the message it
     cannot render and why (instead of a template traceback)."""
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and ("role" in m or "from" in m) for m in messages):
         raise DataError(f"'messages' must be a list of objects with a 'role'; got {messages!r:.120}")
     messages = [text_content(m, n) for n, m in enumerate(messages, start=1)]
     try:
@@ -209,7 +222,7 @@ def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) 
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     last_prompt: list[int] = []
     for turn, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) == 0:  # OpenAI's weight 0: context only
+        if message["role"] != "assistant" or not message.get("weight", 1):  # OpenAI's weight 0: context only
             continue
         head = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True)
         end = len(chat_ids(tokenizer, messages[: turn + 1]))
@@ -256,10 +269,18 @@ def sharegpt_messages(record: dict) -> list[dict]:
     return system + [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
 
 
-def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
-    """instruction (+ "\n" + input) → output, with the optional system prompt first."""
+def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_template: bool = True,
+                  prompt_style: str = "template") -> Example:
+    """instruction (+ "\n" + input) → output, with the optional system prompt first; or, with an Axolotl
+    `prompt_style`, Axolotl's Alpaca prose prompt (alpaca_prompts.py)."""
     if record.get("history"):
         raise DataError("Alpaca 'history' (earlier turns) is not read; write the record as ShareGPT or messages.")
+    if prompt_style != "template":
+        from lorakit.train.alpaca_prompts import alpaca_ids
+
+        ids, labels, head = alpaca_ids(tokenizer, prompt_style, record["instruction"], record.get("input"),
+                                       record["output"], train_on_prompt)
+        return Example(ids, labels, head, record["output"], record["instruction"])
     prompt = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
     system = record.get("system")
     if system and chat_template and getattr(tokenizer, "chat_template", None):
@@ -270,13 +291,14 @@ def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_t
     return dataclasses.replace(example, question=prompt)
 
 
-def encode_record(tokenizer, record: dict, fmt: str, train_on_prompt: bool = False, chat_template: bool = True) -> Example:
+def encode_record(tokenizer, record: dict, fmt: str, train_on_prompt: bool = False, chat_template: bool = True,
+                  prompt_style: str = "template") -> Example:
     if fmt == "messages":
         return encode_chat(tokenizer, record["messages"], train_on_prompt)
     if fmt == "sharegpt":
         return encode_chat(tokenizer, sharegpt_messages(record), train_on_prompt)
     if fmt == "alpaca":
-        return encode_alpaca(tokenizer, record, train_on_prompt, chat_template)
+        return encode_alpaca(tokenizer, record, train_on_prompt, chat_template, prompt_style)
     if fmt == "prompt_completion":
         return encode_prompt_completion(tokenizer, record["prompt"], record["completion"], train_on_prompt, chat_template)
     return encode_text(tokenizer, record["text"])
@@ -290,19 +312,26 @@ def truncate(example: Example, max_len: int) -> Example:
 
 
 def load_dataset(path: Path, tokenizer, fmt: str = "auto", max_seq_len: int = 512, train_on_prompt: bool = False,
-                 chat_template: bool = True) -> Dataset:
-    """Read, check and encode one file; errors name the file, the line and what to change."""
-    records = read_records(path)
+                 chat_template: bool = True, prompt_style: str = "template", too_long: str = "truncate",
+                 split: str | None = None) -> Dataset:
+    """Read, check and encode one file; errors name the file, the line and what to change. `split`: an HF
+    split slice of the file's records (splits.py); `too_long`: cut an over-long example, or drop it (Axolotl)."""
+    records = apply_split(read_records(path), split, str(path))
+    refuse_training_signal(records[0], path)
     fmt = detect_format(records, path, fmt)
     stats = DataStats()
     examples = []
-    shortest = None
+    shortest, answered = None, 0
     for number, record in enumerate(records, start=1):
         try:
-            full = encode_record(tokenizer, record, fmt, train_on_prompt, chat_template)
+            full = encode_record(tokenizer, record, fmt, train_on_prompt, chat_template, prompt_style)
         except DataError as exc:
             raise DataError(f"{path}, record {number}: {exc}") from None
         shortest = min(shortest or len(full.input_ids), len(full.input_ids))
+        answered += any(label != IGNORE_INDEX for label in full.labels[1:])
+        if too_long == "drop" and len(full.input_ids) > max_seq_len:
+            stats.dropped += 1
+            continue
         example = truncate(full, max_seq_len)
         if record.get("group") is not None:
             example.group = str(record["group"])
@@ -314,12 +343,27 @@ def load_dataset(path: Path, tokenizer, fmt: str = "auto", max_seq_len: int = 51
             continue
         stats.add(example)
         examples.append(example)
+    if not examples and not answered:
+        raise DataError(f"{path}: no example has anything to learn: none has an assistant turn with loss (format "
+                        f"{fmt!r}; roles must be user/assistant (or human/gpt), and an assistant turn with weight 0 "
+                        "is context only).")
     if not examples:
-        raise DataError(
-            f"{path}: all {len(records)} examples are longer than data.max_seq_len={max_seq_len} before their first "
-            f"answer token (the shortest has {shortest} tokens); raise data.max_seq_len."
-        )
+        where = " (data.too_long: drop)" if too_long == "drop" else " before their first answer token"
+        raise DataError(f"{path}: all {len(records)} examples are longer than data.max_seq_len={max_seq_len}{where} "
+                        f"(the shortest has {shortest} tokens); raise data.max_seq_len.")
     return Dataset(examples, stats, fmt)
+
+
+def refuse_training_signal(record: dict, path: Path) -> None:
+    """Data made for another kind of training, which read as SFT would train something else: preference pairs
+    (DPO/ORPO: chosen / rejected), KTO's good/bad labels."""
+    if "chosen" in record and "rejected" in record:
+        raise DataError(f"{path}: a preference data set (each record has 'chosen' and 'rejected'); it trains with DPO / "
+                        "ORPO, which lorakit does not run yet. Read as supervised data it would train on one side "
+                        "only; give SFT data (messages, alpaca, …) instead.")
+    if isinstance(record.get("label"), bool) or "kto_tag" in record:
+        raise DataError(f"{path}: a KTO data set (each answer labelled desirable or not); lorakit trains supervised "
+                        "fine-tuning only, which would learn the undesirable answers too. Give SFT data instead.")
 
 
 def concat(parts: list[Dataset]) -> Dataset:
@@ -334,13 +378,17 @@ def concat(parts: list[Dataset]) -> Dataset:
     return Dataset([e for part in parts for e in part.examples], stats, "+".join(formats))
 
 
-def split_eval(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Hold out `fraction` of the examples (at least one, and at least one left to train on)."""
+def split_eval(data: Dataset, share: float | int, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out `share` of the examples — a fraction, or a count (an int) — at least one, and at least one left
+    to train on. A share of 0 holds out nothing: the eval set is then empty (the job says so)."""
+    if not share:
+        return data, Dataset([], DataStats(), data.format)
     if len(data.examples) < 2:
         raise DataError("data.eval is not set and the training set has a single example; add data.eval or more data.")
     order = list(range(len(data.examples)))
     random.Random(seed).shuffle(order)
-    count = min(max(1, round(fraction * len(order))), len(order) - 1)
+    wanted = share if isinstance(share, int) else round(share * len(order))
+    count = min(max(1, wanted), len(order) - 1)
     held, kept = sorted(order[:count]), sorted(order[count:])
     parts = []
     for indices in (kept, held):

@@ -56,13 +56,14 @@ def build_data(config: JobConfig, tokenizer) -> tuple[Dataset, Dataset]:
     """(train, eval) encoded; eval is `data.eval` or a seeded `eval_fraction` of train."""
     data = config.data
     options = {"fmt": data.format, "max_seq_len": data.max_seq_len, "train_on_prompt": data.train_on_prompt,
-               "chat_template": data.chat_template}
-    train = concat([load_dataset(path, tokenizer, **options) for path in config.data_paths("train")])
+               "chat_template": data.chat_template, "prompt_style": data.prompt_style, "too_long": data.too_long}
+    train = concat([load_dataset(path, tokenizer, split=data.train_split, **options)
+                    for path in config.data_paths("train")])
     eval_paths = config.data_paths("eval")
     if eval_paths:
-        evaluation = concat([load_dataset(path, tokenizer, **options) for path in eval_paths])
+        evaluation = concat([load_dataset(path, tokenizer, split=data.eval_split, **options) for path in eval_paths])
     else:
-        train, evaluation = split_eval(train, data.eval_fraction, config.train.seed)
+        train, evaluation = split_eval(train, data.eval_count or data.eval_fraction, config.train.seed)
     if data.packing:
         train.rows = pack(train.examples, data.max_seq_len)
     return train, evaluation
@@ -75,13 +76,14 @@ def training_arguments(config: JobConfig, has_eval: bool) -> TrainingArguments:
         per_device_eval_batch_size=config.eval.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, seed=t.seed, data_seed=t.seed,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_epsilon=t.adam_epsilon,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps,
         **checkpointing_arguments(t.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding", remove_unused_columns=False, report_to=[],
         ddp_find_unused_parameters=False,  # every adapter parameter is used in every forward
         disable_tqdm=True, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        save_only_model=False, bf16=t.bf16, fp16=t.fp16, **sharding_arguments(t),
+        save_only_model=False, bf16=t.bf16_on, fp16=t.fp16, **sharding_arguments(t),
     )
 
 
@@ -209,7 +211,7 @@ def peak_memory() -> tuple[float, str]:
 def build_model(config: JobConfig, total_steps: int | None = None) -> PeftModel:
     # QLoRA + FSDP: the 4-bit values stored as bf16, so FSDP can flatten them with the layer's other parameters
     storage = torch.bfloat16 if config.train.fsdp and config.quantize in ("nf4", "fp4") else torch.uint8
-    base = load_base(config.model, quantize=config.quantize, quant_storage=storage)
+    base = load_base(config.model, quantize=config.quantize, double_quant=config.double_quant, quant_storage=storage)
     base.config.use_cache = False  # a training forward would fill a KV cache nobody reads (generate turns it on)
     if config.quantize:
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=config.train.gradient_checkpointing)
@@ -238,9 +240,17 @@ def build_optimizer(config: JobConfig, model) -> torch.optim.Optimizer:
     if t.loraplus_lr_ratio is not None:
         return create_loraplus_optimizer(model, optimizer_class(t.optimizer), lr=t.learning_rate,
                                          loraplus_lr_ratio=t.loraplus_lr_ratio, loraplus_lr_embedding=t.loraplus_lr_embedding,
-                                         loraplus_weight_decay=t.weight_decay)
+                                         loraplus_weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2),
+                                         eps=t.adam_epsilon)
     return make_optimizer(t.optimizer, [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate,
-                          weight_decay=t.weight_decay)
+                          weight_decay=t.weight_decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
+
+
+def preflight(config: JobConfig, resume: bool, overwrite: bool) -> None:
+    """What every rank would refuse, checked once before `--nproc` starts the ranks: the output folder (looked at,
+    nothing deleted) and the data. Refused here, the error is printed once, with no launcher traceback."""
+    _plan_output_dir(config, resume, overwrite)
+    build_data(config, load_tokenizer(config.model))
 
 
 def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
@@ -273,7 +283,7 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         console.print(f"torch.compile: {compile_blocks(model.get_base_model())} blocks (the first step compiles them)")
     progress, timer = RichProgress(console), StepTimer()
     trainer = LoraTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+        model=model, args=args, train_dataset=train, eval_dataset=evaluation if len(evaluation) else None,
         data_collator=Collator(tokenizer.pad_token_id), optimizers=(optimizer, None),
         callbacks=[progress, timer, MetricsFile(out / "metrics.jsonl"), RankAllocation(model)], keep_checkpoints=config.train.keep_checkpoints,
     )
@@ -294,8 +304,10 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
     save_adapter(model, config, out)
 
     started_eval = time.perf_counter()
-    with console.status(f"Comparing base and adapter on {min(len(evaluation), config.eval.max_examples)} eval examples…"):
-        comparison = compare(model, tokenizer, evaluation.examples, config.eval)
+    compared, kind = (evaluation.examples, "eval") if evaluation.examples else (train.examples, "training")
+    with console.status(f"Comparing base and adapter on {min(len(compared), config.eval.max_examples)} {kind} examples…"):
+        comparison = compare(model, tokenizer, compared, config.eval)
+    comparison["on"] = kind  # no held-out set (data.eval_fraction 0): the table shows what was learned, not general
     metrics = read_metrics(out / "metrics.jsonl")
     memory, memory_kind = peak_memory()
     summary = {
@@ -304,7 +316,7 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         "adapter": model.peft_config["default"].to_dict(),  # resolved: defaults, the YAML's keys, what training set
         "paths": {"config_dir": str(config.base_dir), "train": config.data.train, "eval": config.data.eval,
                   "output_dir": str(out)},
-        "precision": "bf16 autocast" if config.train.bf16 else "fp16 autocast" if config.train.fp16 else "fp32",
+        "precision": "bf16 autocast" if config.train.bf16_on else "fp16 autocast" if config.train.fp16 else "fp32",
         "data": {"format": train.format, "max_seq_len": config.data.max_seq_len,
                  "packed_rows": len(train.rows) if train.rows else None,
                  "train": vars(train.stats), "eval": vars(evaluation.stats)},

@@ -43,7 +43,7 @@ def plot_losses(metrics: list[dict], path: Path) -> Path:
 
 
 def comparison_table(comparison: dict, title: str = "Before / after") -> Table:
-    table = Table(title=f"{title} ({comparison['examples']} eval examples)")
+    table = Table(title=f"{title} ({comparison['examples']} {comparison.get('on', 'eval')} examples)")
     for column in ("metric", "base model", "with adapter"):
         table.add_column(column)
     for key, label, pattern in METRIC_ROWS:
@@ -110,7 +110,7 @@ def write_report(path: Path, summary: dict) -> Path:
               f"- final train loss: {_fmt(run['final_train_loss'], '{:.4f}')}; final eval loss: "
               f"{_fmt(run['final_eval_loss'], '{:.4f}')}",
               "", "![loss](loss.png)", "",
-              f"## Before / after ({comparison['examples']} eval examples)", "",
+              f"## Before / after ({comparison['examples']} {comparison.get('on', 'eval')} examples)", "",
               "| metric | base model | with adapter |", "|---|---|---|"]
     for key, label, pattern in METRIC_ROWS:
         lines.append(f"| {label} | {_fmt(comparison['base'][key], pattern)} | {_fmt(comparison['adapter'][key], pattern)} |")

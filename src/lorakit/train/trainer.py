@@ -80,6 +80,13 @@ class LoraTrainer(AdapterCheckpoints, Trainer):
     """`transformers.Trainer` with adapter-only, complete-or-ignored checkpoints; under DDP each
     rank trains on its own shard of the data, no example twice in an epoch (sharding.py)."""
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        """Packed rows (position_ids) carry an attention mask for Trainer's token count only: with it the model
+        would attend across the examples of a row, so the forward gets the rows without it (batching.py)."""
+        if "position_ids" in inputs:
+            inputs = {k: v for k, v in inputs.items() if k != "attention_mask"}
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
     def get_train_dataloader(self):
         if self.args.world_size == 1:
             return super().get_train_dataloader()
