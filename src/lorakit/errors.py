@@ -95,7 +95,12 @@ class TrainingInterrupted(LorakitError):
 
 
 class RequestError(LorakitError, ValueError):
-    """A generation request the engine cannot serve (too long, unknown adapter, bad sampling settings)."""
+    """A generation request the engine cannot serve (too long, unknown adapter, bad sampling settings);
+    `param`: the request field at fault, when one is (a server's 400 names it)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(RequestError):

@@ -29,14 +29,14 @@ def test_a_failing_sample_fails_its_own_request_and_its_neighbours_are_exact(mod
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     expected = [o.token_ids for o in Engine(model, max_model_len=64).generate(prompts, ["a", None], GREEDY)]
     poisoned = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, seed=1)
-    real = engine_module.sample
+    real = engine_module.choose
 
-    def sample(logits, params, generator):
+    def choose(logits, params, *args):
         if params is poisoned:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
-        return real(logits, params, generator)
+        return real(logits, params, *args)
 
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(engine_module, "choose", choose)
     engine = Engine(model, max_model_len=64)
     outputs = engine.generate([*prompts, [3, 4]], ["a", None, "a"], [GREEDY, GREEDY, poisoned])
     assert [o.token_ids for o in outputs[:2]] == expected  # the neighbours in its steps: untouched

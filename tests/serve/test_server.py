@@ -98,7 +98,7 @@ def test_openai_client_chat_and_completions_streaming_or_not_answer_as_peft(serv
     assert text.choices[0].text == "".join(c.choices[0].text for c in streamed) == answers["alpha"]
     cards = {m.id: m for m in client.models.list().data}
     assert {base_name, "alpha", "beta"} <= set(cards)
-    assert cards["alpha"].parent == base_name and cards["alpha"].root == str(files["adapters"]["alpha"])
+    assert cards["alpha"].parent == base_name and cards["alpha"].root == "root/alpha"  # never the server's absolute path
 
 
 def test_errors_are_openai_shaped_and_name_what_was_wrong(server):
@@ -109,7 +109,7 @@ def test_errors_are_openai_shaped_and_name_what_was_wrong(server):
     with pytest.raises(openai.AuthenticationError):
         _client(server, key="wrong").chat.completions.create(model="alpha", messages=QUESTION)
     with pytest.raises(openai.BadRequestError) as n:
-        client.chat.completions.create(model="alpha", messages=QUESTION, n=2)
+        client.chat.completions.create(model="alpha", messages=QUESTION, n=0)
     assert n.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError) as extra:
         client.chat.completions.create(model="alpha", messages=QUESTION, extra_body={"mirostat": 1})
@@ -118,7 +118,7 @@ def test_errors_are_openai_shaped_and_name_what_was_wrong(server):
         client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "the " * 400}])
     assert long.value.body["code"] == "context_length_exceeded"
     assert "maximum context length is 256 tokens" in long.value.body["message"]
-    assert _metric(server, 'lorakit_requests_total{adapter="",status="404"}') >= 1
+    assert _metric(server, 'lorakit_requests_total{adapter="",status="404"') >= 1
 
 
 def test_admin_is_its_own_privilege_and_loads_only_from_the_adapter_dirs(server, files):
@@ -154,7 +154,7 @@ def test_admin_is_its_own_privilege_and_loads_only_from_the_adapter_dirs(server,
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_request(server):
-    aborted = _metric(server, 'lorakit_requests_total{adapter="alpha",status="499"}')
+    aborted = _metric(server, 'lorakit_requests_total{adapter="alpha",status="499"')
     body = {"model": "alpha", "messages": QUESTION, "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as response:
@@ -166,7 +166,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_request(server):
                                            or _metric(server, "lorakit_kv_cache_blocks_used")):
         time.sleep(0.05)
     assert _metric(server, "lorakit_num_requests_running") == 0 and _metric(server, "lorakit_kv_cache_blocks_used") == 0
-    assert _metric(server, 'lorakit_requests_total{adapter="alpha",status="499"}') == aborted + 1
+    assert _metric(server, 'lorakit_requests_total{adapter="alpha",status="499"') == aborted + 1
     assert _metric(server, "lorakit_generation_tokens_total") < 1000  # it did not run its 200 tokens to the end
 
 

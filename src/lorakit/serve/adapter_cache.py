@@ -6,8 +6,14 @@ replacing an adapter loads the new file as a new version and then points the nam
 old version stays on the model until its last request finishes, then its bank rows are freed.
 A cold adapter is loaded by a background thread (a write into the banks between two steps,
 adapters.py); its requests wait, the others keep decoding. A load that fails fails only the
-requests for that adapter, with the loader's message. Resident adapters beyond
-`max_cpu_loras` are evicted least recently used first — never a pinned one, never one in use.
+requests for that adapter, with the loader's message.
+
+Resident adapters beyond `max_cpu_loras` are evicted least recently used first — never a pinned
+one, never one in use, never one a queued request waits for (its `waiter`, until it binds): with
+10 adapters in turn and room for 2, evicting an adapter just loaded for a request that has not run
+yet would load it again, and again (87 loads for 10 adapters before this rule). A load for a
+waiting request starts only when there is room — under the cap, or an idle adapter to evict —
+so the cap holds, and the request waits for a running one to finish instead.
 
 Two ways in: `register` (lazy: loaded on first use, as a server's `--adapter-dir` wants for
 hundreds of adapters) and `load` (now, on the loader thread, all-or-nothing: the admin API
@@ -22,7 +28,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import AdapterLoadError, AdapterNameError
@@ -52,6 +58,7 @@ class Entry:
     loading: Future | None = None
     error: str | None = None
     label: str | None = None  # what errors call the adapter instead of its path (a registry ref)
+    waiters: set[int] = field(default_factory=set)  # queued requests waiting for it, not bound yet
 
 
 class AdapterCache:
@@ -113,6 +120,11 @@ class AdapterCache:
         entry = self._entries.get(name)
         return entry.path if entry else None
 
+    def version_of(self, name: str) -> str | None:
+        """The version `name` runs as now ("support@2"), None while it is not resident."""
+        entry = self._entries.get(name)
+        return entry.current.internal if entry is not None and entry.current is not None else None
+
     def is_resident(self, name: str) -> bool:
         entry = self._entries.get(name)
         return entry is not None and entry.current is not None
@@ -120,28 +132,52 @@ class AdapterCache:
     def resident_count(self) -> int:
         return len(self._versions)
 
+    def resident_versions(self) -> list[str]:
+        """Every version on the model now, current or on its way out ("support@2")."""
+        with self._lock:
+            return list(self._versions)
+
     # -- use by requests ---------------------------------------------------------------------------
     def prefetch(self, name: str) -> None:
         """Start loading `name` in the background if it is not resident."""
         with self._lock:
             self._start_load(name, self._entry(name))
 
-    def acquire(self, name: str) -> str | None:
-        """The version `name` runs as now (counted as used until `release`), or None while it loads.
-        Raises the loader's error if loading failed."""
+    def acquire(self, name: str, waiter: int | None = None) -> str | None:
+        """The version `name` runs as now (counted as used until `release`), or None while it loads (or
+        waits for room to load); `waiter` (a request id) keeps it resident once loaded until that request
+        acquires it or `forget`s it. Raises the loader's error if loading failed."""
         with self._lock:
             entry = self._entry(name)
             if entry.error is not None:
                 raise AdapterLoadError(f"Adapter {name!r} could not be loaded: {entry.error}")
+            waited = waiter in entry.waiters
             if entry.current is None:
-                self.stats.misses += entry.loading is None
-                self._start_load(name, entry)
+                if not waited:  # a miss per request that found it cold
+                    self.stats.misses += 1
+                    if waiter is not None:
+                        entry.waiters.add(waiter)
+                if self._room():
+                    self._start_load(name, entry)
                 return None
-            self.stats.hits += 1
+            entry.waiters.discard(waiter)
+            self.stats.hits += not waited
             entry.current.users += 1
             self._recent.pop(name, None)
             self._recent[name] = None
             return entry.current.internal
+
+    def forget(self, name: str, waiter: int) -> None:
+        """A request that waited for `name` ended before it acquired it."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.waiters.discard(waiter)
+
+    def retain(self, internal: str) -> None:
+        """One more request uses a version it already runs (another choice of the same request)."""
+        with self._lock:
+            self._versions[internal].users += 1
 
     def release(self, internal: str) -> None:
         """A request bound to `internal` finished: O(1); a stale version goes with its last user."""
@@ -252,16 +288,33 @@ class AdapterCache:
         version.stale = True
         return []
 
+    def _resident(self) -> list[str]:
+        """Resident names that count against the cap (not the ones put on the model directly), LRU first."""
+        return [n for n in self._recent if self._entries[n].path is not None]
+
+    def _idle(self, name: str) -> bool:
+        """Evictable: not pinned, no request running on it, none waiting for it."""
+        entry = self._entries[name]
+        return not entry.pinned and not entry.current.users and not entry.waiters
+
+    def _room(self) -> bool:
+        """Whether a load may start now: the versions resident and loading stay within the cap once the idle
+        ones are evicted (or pinned adapters alone fill it: then nothing will ever make room, so load)."""
+        resident = self._resident()
+        loading = sum(e.loading is not None for e in self._entries.values())
+        idle = sum(self._idle(n) for n in resident)
+        stuck = all(self._entries[n].pinned for n in resident) and not loading
+        return len(resident) + loading - idle < self.max_cpu_loras or stuck
+
     def _evict(self) -> list[str]:
         doomed: list[str] = []
-        resident = [n for n in self._recent if self._entries[n].path is not None]
+        resident = self._resident()
         for name in list(resident):
             if len(resident) <= self.max_cpu_loras:
                 break
-            entry = self._entries[name]
-            if entry.pinned or entry.current.users:
+            if not self._idle(name):
                 continue
-            doomed += self._retire(name, entry)
+            doomed += self._retire(name, self._entries[name])
             resident.remove(name)
             self.stats.evictions += 1
         return doomed

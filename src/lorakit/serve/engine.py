@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
 import torch
@@ -34,46 +33,14 @@ from lorakit.serve import attention
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.kv_cache import PagedKVCache
 from lorakit.serve.outputs import RequestOutput, output_of, settle
-from lorakit.serve.packing import pack
-from lorakit.serve.sampling import SamplingParams, generator_for, sample
+from lorakit.serve.packing import pack, wants_prompt_logprobs
+from lorakit.serve.request_handle import RequestHandle
+from lorakit.serve.sampling import SamplingParams, choose, generator_for, logprob_of
 from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
 from lorakit.serve.virtual import VirtualTokens
 
 _log = logging.getLogger(__name__)
 _RATE_WINDOW_S = 10.0  # tokens_per_s in stats(): over the steps of the last 10 s
-
-
-class RequestHandle:
-    """Streams one request's tokens: `for token_id, text_delta in handle`, or `async for`; `result()` waits."""
-
-    def __init__(self, engine: Engine, seq: Sequence):
-        self.engine, self.seq = engine, seq
-
-    @property
-    def request_id(self) -> int:
-        return self.seq.id
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        while True:
-            if not self.engine.running_in_background:
-                while self.seq.events.empty():
-                    self.engine.step()
-            event = self.seq.events.get()
-            if event is None:
-                return
-            yield event
-
-    async def __aiter__(self):
-        while True:
-            event = await self.seq.events.aget()
-            if event is None:
-                return
-            yield event
-
-    def result(self) -> RequestOutput:
-        for _ in self:
-            pass
-        return self.engine.output_of(self.seq)
 
 
 class Engine:
@@ -119,34 +86,70 @@ class Engine:
         """Queue a request (text, token ids, or chat messages); refused before any compute if it cannot fit.
 
         A resident adapter is bound now: the request runs with the version loaded at this moment,
-        whatever replaces or unloads it later. A cold one is bound when its load completes."""
+        whatever replaces or unloads it later. A cold one is bound when its load completes. With
+        `sampling.n` > 1 the handle's `choices` are n sequences; the first computes the prompt, and the
+        others start from its KV blocks (shared, not recomputed) when it samples its first token."""
         if self.dead is not None:
             raise RequestError(f"The engine has stopped ({self.dead}); restart the server.")
         sampling = sampling or SamplingParams()
         ids = self._tokenize(prompt)
         if not ids:
             raise RequestError("The prompt is empty.")
+        self.check_tokens(ids)
+        self.check_sampling(sampling)
         self.check_length(len(ids), sampling.max_tokens)
-        seq = Sequence(ids, sampling, adapter, generator_for(sampling))
+        seq = self._sequence(ids, sampling, adapter, 0)
         if adapter is not None:  # unknown names and failed loads raise here, before the request is queued
-            seq.version = self.adapters.acquire(adapter) or BASE_ADAPTER
+            seq.version = self.adapters.acquire(adapter, waiter=seq.id) or BASE_ADAPTER
             seq.virtual = self.virtual.count(seq.version)  # 0 for the base and layer adapters
             if seq.virtual:
                 self.check_length(seq.virtual + len(ids), sampling.max_tokens)
+        seq.forks = [self._sequence(ids, sampling, adapter, choice) for choice in range(1, sampling.n)]
         self._arrivals.append(seq)
         self._wake.set()
-        return RequestHandle(self, seq)
+        handle = RequestHandle(self, seq)
+        handle.choices += [RequestHandle(self, fork) for fork in seq.forks]
+        return handle
+
+    def _sequence(self, ids: list[int], sampling: SamplingParams, adapter: str | None, choice: int) -> Sequence:
+        seq = Sequence(ids, sampling, adapter, generator_for(sampling, choice), choice=choice)
+        if sampling.prompt_logprobs is not None:
+            seq.prompt_logprobs = []
+        return seq
+
+    def check_tokens(self, ids: list[int], what: str = "Token id", param: str | None = None) -> None:
+        """Token ids the model can embed and score (an id past the vocabulary would fail the whole step it ran in,
+        or its request's sampling). An adapter cannot resize the vocabulary (files/tensors.py refuses a resized
+        embedding), so the base's is every adapter's."""
+        vocab = self.vocab_size
+        wrong = next((t for t in ids if not 0 <= t < vocab), None)
+        if wrong is not None:
+            raise RequestError(f"{what} {wrong} is outside this model's vocabulary (ids 0 to {vocab - 1}).", param)
+
+    def check_sampling(self, sampling: SamplingParams) -> None:
+        """The token ids a request's sampling settings name index the logits: in range, or a 400 naming them."""
+        self.check_tokens(list(sampling.logit_bias), "logit_bias: token id", "logit_bias")
+        self.check_tokens(sampling.allowed_token_ids or [], "allowed_token_ids: token id", "allowed_token_ids")
+        self.check_tokens([t for words in sampling.bad_words_ids for t in words], "bad_words: token id", "bad_words")
+
+    @property
+    def vocab_size(self) -> int:
+        embedding_rows = self.model.get_input_embeddings().weight.shape[0]
+        head = self.model.get_output_embeddings()
+        return min(embedding_rows, head.weight.shape[0]) if head is not None else embedding_rows
 
     def check_length(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.max_model_len:
             raise ContextLengthError(prompt_tokens, max_tokens, self.max_model_len)
 
     def abort(self, handle: RequestHandle, reason: str | None = None) -> None:
-        """Stop a request and free its KV blocks (at once, or before the next step of a background loop).
-        `reason`: why the server stopped it (a shutdown), kept as its error; None: its client went away."""
-        if reason is not None and handle.seq.error is None:
-            handle.seq.error = reason
-        self._aborts.append(handle.seq)
+        """Stop a request — every one of its choices — and free its KV blocks (at once, or before the next step of
+        a background loop). `reason`: why the server stopped it (a shutdown), kept as its error; None: its
+        client went away."""
+        for choice in handle.choices:
+            if reason is not None and choice.seq.error is None:
+                choice.seq.error = reason
+            self._aborts.append(choice.seq)
         if not self.running_in_background:
             with self._step_lock:
                 self._take_inbox()
@@ -181,8 +184,9 @@ class Engine:
     def _bind(self, seq: Sequence) -> bool:
         """Bind a waiting request to its adapter's current version (False while that version loads)."""
         try:
-            version = self.adapters.acquire(seq.adapter)
+            version = self.adapters.acquire(seq.adapter, waiter=seq.id)
         except Exception as error:  # noqa: BLE001 - the loader's error ends this request only
+            seq.error_kind = "adapter"
             self._fail(seq, str(error))
             return False
         if version is None:
@@ -202,35 +206,90 @@ class Engine:
             batch = self.scheduler.schedule()
             if not batch:
                 return 0
-            try:
-                logits = self._forward(batch)
-            except Exception as error:  # a bug must not stop the loop: this step's requests fail, others go on
-                _log.exception("engine step failed; failing its %d requests", len(batch))
-                for item in batch:
-                    self._fail(item.seq, f"internal error in the engine step: {type(error).__name__}: {error}")
-                return len(batch)
-            now = time.perf_counter()
-            row = 0
-            for item in batch:
-                item.seq.computed += item.count
+            now, sampled = time.perf_counter(), 0
+            for item, rows in self._run(batch):
+                if rows is None:  # failed alone: its error is set, the others go on
+                    continue
+                seq = item.seq
+                seq.computed += item.count
+                self._record_prompt_logprobs(item, rows)
                 if item.samples:
-                    self._sample_into(item.seq, logits[row], now)
-                    row += 1
+                    self._sample_into(seq, rows[-1], now)
+                    sampled += 1
+                    if seq.forks:
+                        sampled += self._start_forks(seq, rows[-1], now)
             self.steps += 1
-            self._recent.append((now, row))
+            self._recent.append((now, sampled))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
                 self._recent.popleft()
             return len(batch)
+
+    def _run(self, batch: list[Scheduled]) -> list[tuple[Scheduled, torch.Tensor | None]]:
+        """Each chunk with its rows of logits. If the step raises, its chunks run again one by one, so only the
+        one that caused it fails (its request gets the error); the others' cache writes are simply redone."""
+        try:
+            logits, spans = self._forward(batch)
+            return [(item, logits[first:first + count]) for item, (first, count) in zip(batch, spans, strict=True)]
+        except Exception as error:  # a bug or a bad input must not take the step's other requests with it
+            if len(batch) == 1:
+                _log.exception("engine step failed for request %d", batch[0].seq.id)
+                self._fail(batch[0].seq, f"internal error in the engine step: {type(error).__name__}: {error}")
+                return [(batch[0], None)]
+            _log.warning("engine step of %d requests failed (%s: %s); running them one by one", len(batch),
+                         type(error).__name__, error)
+            return [outcome for item in batch for outcome in self._run([item])]
+
+    def _record_prompt_logprobs(self, item: Scheduled, rows: torch.Tensor) -> None:
+        """Prompt token t's logprob comes from the logits of the position before it (the first token has none)."""
+        seq = item.seq
+        if not wants_prompt_logprobs(item):
+            return
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)
+        logprobs = torch.log_softmax(rows.float(), dim=-1)
+        for row, position in enumerate(range(item.start, item.start + item.count)):
+            t = position + 1 - seq.virtual  # the prompt token this position predicts
+            if t == len(seq.prompt_logprobs) and t < len(seq.prompt_ids):
+                seq.prompt_logprobs.append(logprob_of(logprobs[row], seq.prompt_ids[t], seq.params.prompt_logprobs))
+
+    def _start_forks(self, seq: Sequence, logits: torch.Tensor, now: float) -> int:
+        """Choices 1..n-1 of `seq`'s request start from its prompt: its KV blocks shared (the last, partly filled
+        one copied), their first token sampled from the same logits with their own generator."""
+        started = 0
+        for fork in seq.forks:
+            blocks = self.cache.fork(seq.blocks, seq.computed)
+            if blocks is None:  # no block free for the copy: it computes its prompt itself, later
+                fork.version, fork.virtual = BASE_ADAPTER, 0
+                self.scheduler.waiting.appendleft(fork)
+                continue
+            fork.blocks, fork.computed, fork.virtual = blocks, seq.computed, seq.virtual
+            fork.version = seq.version
+            if fork.version != BASE_ADAPTER:
+                self.adapters.retain(fork.version)
+            fork.prompt_logprobs, fork.first_scheduled = seq.prompt_logprobs, seq.first_scheduled
+            self.scheduler.running.append(fork)
+            self._sample_into(fork, logits, now)
+            started += 1
+        seq.forks = []
+        return started
 
     def _sample_into(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
         """Sample `seq`'s next token and settle its text; a failure (its settings, its logits, decoding)
         fails that request alone."""
         try:
-            self._append(seq, sample(logits, seq.params, seq.generator), now)
+            token, logprob = choose(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids,
+                                    self._stop_ids(seq))
+            if logprob is not None:
+                seq.logprobs.append(logprob)
+            self._append(seq, token, now)
         except Exception as error:  # noqa: BLE001 - one request's sampling never takes the step down
             _log.warning("sampling failed for request %d: %s", seq.id, error)
             if not seq.finished:
                 self._fail(seq, f"sampling failed: {type(error).__name__}: {error}")
+
+    def _stop_ids(self, seq: Sequence) -> set[int]:
+        """What min_tokens holds back: EOS (unless ignored) and the request's stop token ids."""
+        return set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.error = message
@@ -247,8 +306,9 @@ class Engine:
             if not seq.finished:
                 self._finish(seq, "abort")
 
-    def _forward(self, batch: list[Scheduled]) -> torch.Tensor:
-        """One forward over the packed step (packing.py); the logits of the positions that sample."""
+    def _forward(self, batch: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """One forward over the packed step (packing.py): the logits of the positions it keeps, and each chunk's
+        rows among them."""
         step = pack(batch, self.cache)
         device = self.cache.k[0].device
         virtual = self.virtual.plan(batch, self.cache.block_size, device)
@@ -263,7 +323,7 @@ class Engine:
                 inputs["inputs_embeds"] = embeds.index_copy(1, rows, torch.stack(virtual.embeds)[None].to(embeds.dtype))
             out = self.model(**inputs, position_ids=torch.tensor([step.positions], device=device), use_cache=False,
                              adapter_names=routing, logits_to_keep=torch.tensor(step.keep, dtype=torch.long, device=device))
-        return out.logits[0]
+        return out.logits[0], step.spans
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.output_ids.append(token)
@@ -279,7 +339,14 @@ class Engine:
         self.scheduler.finish(seq)
         if seq.version != BASE_ADAPTER:
             self.adapters.release(seq.version)
+        elif seq.adapter is not None:  # ended while it waited for its adapter
+            self.adapters.forget(seq.adapter, seq.id)
         seq.events.put(None)
+        for fork in seq.forks:  # choices that never started end as their prompt's sequence did
+            fork.error = fork.error or seq.error
+            fork.finish_reason = reason
+            fork.events.put(None)
+        seq.forks = []
 
     # -- background loop (servers) ---------------------------------------------------------------------
     @property

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterConfigError, ConfigError
+from lorakit.files.format import read_config
 
 
 def adapter_folders(directory: Path) -> dict[str, Path]:
@@ -24,8 +25,9 @@ def adapter_folders(directory: Path) -> dict[str, Path]:
 
 
 def folder_problem(folder: Path, roots: list[Path] | None, max_bytes: int, shown: str | None = None) -> str | None:
-    """Why the adapter folder may not be loaded (a file resolving outside `roots`, or over `max_bytes`), or None.
-    `roots=None`: any place (an operator's explicit `--adapter NAME=PATH`), the size cap still holds."""
+    """Why the adapter folder may not be loaded (a file resolving outside `roots`, over `max_bytes`, or an
+    adapter_config.json that does not read as one), or None. `roots=None`: any place (an operator's explicit
+    `--adapter NAME=PATH`), the size cap still holds."""
     shown = shown or str(folder)
     real_folder = folder.resolve()
     files = list(real_folder.iterdir()) if real_folder.is_dir() else [real_folder]
@@ -40,4 +42,10 @@ def folder_problem(folder: Path, roots: list[Path] | None, max_bytes: int, shown
     if size > max_bytes:
         return (f"The adapter at {shown!r} is {size / 2**20:.1f} MiB, over the server's cap of "
                 f"{max_bytes / 2**20:.0f} MiB (--max-adapter-size).")
+    config = real_folder / "adapter_config.json"
+    if real_folder.is_dir() and config.is_file():  # a missing one: the loader says so, with PEFT's hints
+        try:
+            read_config(config)
+        except AdapterConfigError as error:
+            return f"adapter {shown!r}: " + str(error).replace(str(config), "adapter_config.json")
     return None

@@ -47,12 +47,18 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str | None = None  # "adapter": its adapter failed to load (the request's 400, not a 500)
     arrival: float = field(default_factory=time.perf_counter)
     first_scheduled: float | None = None
     token_times: list[float] = field(default_factory=list)
     preemptions: int = 0
     emitted: int = 0  # characters of `text` already streamed
     events: TokenStream = field(default_factory=TokenStream)  # streamed to the request's handle
+    choice: int = 0  # its index among its request's `n` choices
+    forks: list[Sequence] = field(default_factory=list)  # choices 1..n-1, waiting for this one's prompt
+    logprobs: list = field(default_factory=list)  # a TokenLogprob per output token, when asked for
+    prompt_logprobs: list | None = None  # a TokenLogprob per prompt token (None for the first), when asked for
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
     def tokens(self) -> list[int]:
@@ -90,6 +96,7 @@ class Scheduler:
 
     def schedule(self) -> list[Scheduled]:
         budget, batch = self.max_num_batched_tokens, []
+        reserved = sum(len(s.forks) for s in self.running)  # choices that join when their prompt is done
         for seq in list(self.running):  # 1 and 2: decodes first, then prefill chunks
             if seq not in self.running:  # preempted below for an older sequence
                 continue
@@ -106,7 +113,8 @@ class Scheduler:
                     budget -= count
         adapters = {s.version for s in self.running} - {BASE_ADAPTER}
         for seq in list(self.waiting):  # 3: admission, strictly in order
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget <= 0 or len(self.running) + reserved + 1 + len(seq.forks) > max(self.max_num_seqs,
+                                                                                       1 + len(seq.forks)):
                 break
             if seq.version == BASE_ADAPTER and seq.adapter is not None and not self.bind_adapter(seq):
                 continue  # its adapter is loading: the others go on
@@ -117,6 +125,7 @@ class Scheduler:
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
+            reserved += len(seq.forks)
             adapters.add(seq.version)
             adapters.discard(BASE_ADAPTER)
             seq.first_scheduled = seq.first_scheduled or time.perf_counter()
