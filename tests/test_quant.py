@@ -14,7 +14,8 @@ from conftest import dequantized_copy, inputs_for, output_of, small_llama
 from lorakit.base_models import load_base
 from lorakit.cli import app
 from lorakit.errors import MergeError
-from lorakit.quant import float_weight, footprint, prepare_model_for_kbit_training, quant_kind
+from lorakit.footprint import footprint
+from lorakit.quant import float_weight, prepare_model_for_kbit_training, quant_kind
 
 # bitsandbytes' CPU 4-bit matmul dequantizes and multiplies in the compute dtype (fp32): tight.
 # Its int8 path casts activations to fp16 first, so outputs carry fp16 rounding: looser.

@@ -1,9 +1,8 @@
 """lorakit: parameter-efficient fine-tuning with PEFT's names and files, on our own engine."""
 
-__version__ = "0.1.0"  # first: modules below read it
-
 from lorakit import errors  # noqa: E402
 from lorakit.base_models import load_base  # noqa: E402
+from lorakit.footprint import footprint  # noqa: E402
 from lorakit.methods.adalora.config import AdaLoraConfig  # noqa: E402
 from lorakit.methods.bottleneck.config import BottleneckConfig  # noqa: E402
 from lorakit.methods.config_fields import TaskType  # noqa: E402
@@ -14,9 +13,10 @@ from lorakit.methods.p_tuning.config import PromptEncoderConfig  # noqa: E402
 from lorakit.methods.prefix_tuning.config import PrefixTuningConfig  # noqa: E402
 from lorakit.methods.prompt_tuning.config import PromptTuningConfig  # noqa: E402
 from lorakit.model import PeftModel, get_peft_model  # noqa: E402
-from lorakit.quant import footprint, prepare_model_for_kbit_training  # noqa: E402
+from lorakit.quant import prepare_model_for_kbit_training  # noqa: E402
 from lorakit.routing import BASE_ADAPTER  # noqa: E402
 from lorakit.tuner import LoraModel  # noqa: E402
+from lorakit.version import __version__  # noqa: E402
 
 __all__ = [
     "AdaLoraConfig",

@@ -20,7 +20,7 @@ from lorakit.files.fingerprint import verify_base_fingerprint
 from lorakit.files.format import AdapterFiles, read_adapter
 from lorakit.files.tensors import LoadPlan, plan_load
 from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.registry import METHODS, method_of
+from lorakit.methods.table import METHODS, method_of
 from lorakit.targets import SEQ_CLS_HEADS, expand_all_linear
 
 

@@ -27,7 +27,7 @@ from lorakit.files.save import save_adapters
 from lorakit.files.tensors import LoadPlan
 from lorakit.loading import checked_load, resolve_config
 from lorakit.methods.protocol import AdapterConfig
-from lorakit.methods.registry import method_of
+from lorakit.methods.table import method_of
 from lorakit.routing import Routing
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
 from lorakit.tuner import LoraModel

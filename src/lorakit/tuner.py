@@ -29,7 +29,7 @@ from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.methods import inner_module, layer_chain, layer_of
 from lorakit.methods.base_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
-from lorakit.methods.registry import acts_on_inputs, method_of
+from lorakit.methods.table import acts_on_inputs, method_of
 from lorakit.methods.virtual_tokens.encoders import VirtualTokenEncoders
 from lorakit.methods.virtual_tokens.inputs import RowTokens, extend_call, generate_extended
 from lorakit.routing import Routing, adapter_routing, current_routing, gradient_checkpointing_on

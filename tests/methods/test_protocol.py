@@ -12,7 +12,7 @@ import pytest
 import lorakit
 from conftest import tiny_llama
 from lorakit.errors import ConfigError
-from lorakit.methods.registry import (
+from lorakit.methods.table import (
     config_from_dict,
     is_adapter_parameter,
     method_for,

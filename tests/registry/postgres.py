@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from lorakit.serve.process import free_port
+from lorakit.http.process import free_port
 
 
 def _binary(name: str) -> str | None:

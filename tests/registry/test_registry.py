@@ -195,7 +195,7 @@ def test_registry_folder_from_the_environment(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_REGISTRY", "postgresql://nowhere/db")
     with pytest.raises(RegistryError, match="LORAKIT_REGISTRY_BLOBS"):
         Registry()
-    from lorakit.serve.process import free_port
+    from lorakit.http.process import free_port
 
     with pytest.raises(RegistryError, match="Cannot open the registry database"):  # at once, not after retries
         Registry(f"postgresql+psycopg://lorakit@127.0.0.1:{free_port()}/db", tmp_path / "blobs")
@@ -223,9 +223,9 @@ def test_training_pushes_with_register_and_retrain_reruns_on_another_base(tiny, 
     """))
     summary = run_train(load_job_config(config))
     assert summary["registered"] == "facts@1"
-    from lorakit.registry.cli import open_registry
+    from lorakit.registry.store import Registry
 
-    registry = open_registry(str(registry_dir), None)
+    registry = Registry.open(str(registry_dir), None)
     first = registry.resolve("facts:staging")
     assert first.source_run == str(tmp_path / "run") and first.data_digest and "job" in first.metrics
     assert "max_steps: 2" in registry.train_config("facts@1")

@@ -207,7 +207,7 @@ def test_delete_rechecks_aliases_inside_its_transaction(backend, tiny):
 
 # -- 8: retrain never overwrites a run ----------------------------------------------------------------------
 def test_retrain_refuses_an_existing_output_dir_and_never_touches_a_registered_run(tiny, tmp_path):
-    from lorakit.train.register import retrain
+    from lorakit.train.promote import retrain
 
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "blobs")
     source = tmp_path / "runs" / "svc"

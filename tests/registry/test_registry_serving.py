@@ -15,8 +15,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from chat_model import QUESTION, peft_answer
 from lorakit.errors import BlobIntegrityError
+from lorakit.http.process import ServerProcess
 from lorakit.registry import Registry
-from lorakit.serve.process import ServerProcess
 
 POLL = 0.5
 BOUND = 15.0  # seconds within which every server must serve a promotion: the poll plus a load, with slack

@@ -45,7 +45,8 @@ def test_a_failing_sample_fails_its_own_request_and_its_neighbours_are_exact(mod
 
 
 def test_a_dead_engine_loop_ends_every_request_and_health_says_so(model, monkeypatch):
-    from lorakit.serve.api import ServerState, create_app
+    from lorakit.http.app import create_app
+    from lorakit.http.state import ServerState
 
     engine = Engine(model, max_model_len=64)
 

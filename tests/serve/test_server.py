@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from chat_model import GREEDY, QUESTION, build_chat_model, chat_ids, peft_answer, save_adapter
-from lorakit.serve.process import ServerProcess
+from lorakit.http.process import ServerProcess
 
 ADMIN, KEY = "admin-secret", "inference-secret"
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from chat_model import build_chat_model, save_adapter
-from lorakit.serve.process import ServerProcess
+from lorakit.http.process import ServerProcess
 
 TASKS = Path(__file__).parent / "lm_eval_tasks"
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -17,9 +17,9 @@ import openai
 import pytest
 
 from chat_model import GREEDY, QUESTION, build_chat_model, peft_answer, save_adapter
+from lorakit.http.process import ServerProcess
 from lorakit.registry import Registry
 from lorakit.registry.store import folder_location
-from lorakit.serve.process import ServerProcess
 
 ADMIN, KEY = "admin-secret", "inference-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}

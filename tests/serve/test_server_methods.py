@@ -19,9 +19,9 @@ import torch
 
 import lorakit
 from chat_model import GREEDY, QUESTION, build_chat_model, chat_ids, save_adapter
+from lorakit.http.process import ServerProcess
 from lorakit.registry import Registry
 from lorakit.registry.store import folder_location
-from lorakit.serve.process import ServerProcess
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chat_model import QUESTION, build_chat_model, chat_ids, save_adapter
-from lorakit.serve.process import ServerProcess
+from lorakit.http.process import ServerProcess
 
 ATOL = 1e-4
 IGNORE_EOS = {"ignore_eos": True}

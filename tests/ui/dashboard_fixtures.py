@@ -45,7 +45,7 @@ def dashboard_files(tmp_path_factory):
     `support` with v1 (prod) and v2."""
     from transformers import LlamaForCausalLM
 
-    from lorakit.registry.cli import open_registry
+    from lorakit.registry.store import Registry
 
     tmp = tmp_path_factory.mktemp("dashboard")
     model = build_chat_model(tmp / "base")
@@ -66,7 +66,7 @@ def dashboard_files(tmp_path_factory):
     base = LlamaForCausalLM.from_pretrained(model).eval()
     adapters = {f"v{i}": save_adapter(base, tmp / "adapters" / f"support-v{i}", seed=60 + i) for i in (1, 2)}
     registry = tmp / "registry"
-    store = open_registry(str(registry), None)
+    store = Registry.open(str(registry), None)
     store.push("support", adapters["v1"], alias="prod")
     store.push("support", adapters["v2"])
     data = tmp / "data"

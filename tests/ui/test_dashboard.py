@@ -24,9 +24,9 @@ from dashboard_fixtures import (  # noqa: F401
 )
 
 from chat_model import QUESTION
+from lorakit.http.process import ServerProcess
 from lorakit.registry import Registry
-from lorakit.registry.cli import open_registry
-from lorakit.serve.process import ServerProcess
+from lorakit.registry.store import Registry
 
 KEY = "ui-inference-secret"
 TRACES = "id => document.getElementById(id).data.map(t => t.x.length)"
@@ -118,7 +118,7 @@ def test_markup_in_a_run_name_or_sample_is_shown_as_text(ui, page):  # noqa: F81
 
 def test_promote_and_rollback_through_the_page_need_the_admin_key_and_pass_the_gates(ui, page, tmp_path,
                                                                                        dashboard_files):  # noqa: F811
-    registry = open_registry(str(dashboard_files["registry"]), None)
+    registry = Registry.open(str(dashboard_files["registry"]), None)
     prod = lambda: registry.aliases("support")["prod"]  # noqa: E731
     assert prod() == 1
     page.goto(f"{ui.url}/adapters")

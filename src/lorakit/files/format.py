@@ -44,7 +44,7 @@ from lorakit.errors import (
     PickleRefusedError,
 )
 from lorakit.filemode import publish_mode
-from lorakit.methods.registry import config_from_dict
+from lorakit.methods.table import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -14,7 +14,7 @@ from lorakit.files.format import (
     read_adapter,
 )
 from lorakit.files.tensors import PREFIX
-from lorakit.methods.registry import method_of
+from lorakit.methods.table import method_of
 
 
 def describe(directory: str | os.PathLike) -> dict:

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from lorakit import __version__
 from lorakit.errors import AdapterError
 from lorakit.files.format import FINGERPRINT_KEY, adapter_dir, read_adapter, write_adapter
-from lorakit.methods.registry import method_of
+from lorakit.methods.table import method_of
+from lorakit.version import __version__
 
 
 def save_adapters(tensors_of: Callable[[str], dict[str, torch.Tensor]], configs: dict[str, Any], fingerprint: dict,

@@ -25,7 +25,7 @@ from lorakit.errors import AdapterConfigError, AdapterWeightsError, ConfigError
 from lorakit.files.fingerprint import base_modules
 from lorakit.methods import inner_module, layer_chain
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
-from lorakit.methods.registry import is_adapter_parameter, method_of, method_of_layer
+from lorakit.methods.table import is_adapter_parameter, method_of, method_of_layer
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 PREFIX = "base_model.model."

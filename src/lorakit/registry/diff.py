@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from lorakit.files.format import read_adapter
 from lorakit.files.tensors import PREFIX
-from lorakit.methods.registry import method_of
+from lorakit.methods.table import method_of
 from lorakit.registry.store import Registry
 
 _NOISE = {"revision", "inference_mode"}

@@ -11,11 +11,15 @@ rather than record a version whose files gc took.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lorakit.registry.store import Registry
 from lorakit.registry.tables import PendingRow, VersionRow, now
+
+if TYPE_CHECKING:  # the store calls these with itself; they never import it
+    from lorakit.registry.store import Registry
 
 
 def collect(registry: Registry, grace: float) -> dict:

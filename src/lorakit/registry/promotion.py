@@ -12,6 +12,7 @@ already changes nothing and writes nothing into the history, so `rollback` alway
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -20,8 +21,10 @@ from lorakit.errors import RegistryError, RegistryNotFound
 from lorakit.files.fingerprint import compare
 from lorakit.registry.gates import METRICS, Gate, check_gates
 from lorakit.registry.refs import Ref, check_name
-from lorakit.registry.store import Evaluate, Registry, VersionInfo
 from lorakit.registry.tables import AdapterRow, AuditRow, VersionRow
+
+if TYPE_CHECKING:  # the store calls these with itself; they never import it
+    from lorakit.registry.store import Evaluate, Registry, VersionInfo
 
 
 def promote(registry: Registry, ref: str, alias: str, gates: list[Gate] | None = None, data: Path | None = None,

@@ -10,8 +10,6 @@ AlpacaPrompter with PromptStyle.INSTRUCT / CHAT).
 
 from __future__ import annotations
 
-from lorakit.train.data import IGNORE_INDEX
-
 SYSTEM = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.")
 SYSTEM_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -30,14 +28,13 @@ def alpaca_prompt(style: str, instruction: str, input_text: str | None) -> str:
     return system_format.format(system=SYSTEM_NO_INPUT) + turn_no_input.format(instruction=instruction)
 
 
-def alpaca_ids(tokenizer, style: str, instruction: str, input_text: str | None, output: str,
-               train_on_prompt: bool) -> tuple[list[int], list[int], list[int]]:
-    """(input ids, labels, prompt ids) as Axolotl's InstructionPromptTokenizingStrategy builds them."""
+def alpaca_ids(tokenizer, style: str, instruction: str, input_text: str | None,
+               output: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) as Axolotl's InstructionPromptTokenizingStrategy builds them."""
     prompt = tokenizer(alpaca_prompt(style, instruction, input_text))["input_ids"]
     response = tokenizer(output, add_special_tokens=True)["input_ids"] if output else []
     if response and tokenizer.bos_token_id is not None and response[0] == tokenizer.bos_token_id:
         response = response[1:]
     if tokenizer.eos_token_id is not None and (not response or response[-1] != tokenizer.eos_token_id):
         response = response + [tokenizer.eos_token_id]
-    labels = (list(prompt) if train_on_prompt else [IGNORE_INDEX] * len(prompt)) + response
-    return prompt + response, labels, prompt
+    return prompt, response

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import DataError
+from lorakit.train.alpaca_prompts import alpaca_ids
 from lorakit.train.splits import apply_split
 
 IGNORE_INDEX = -100  # what torch's cross-entropy skips
@@ -276,11 +277,10 @@ def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_t
     if record.get("history"):
         raise DataError("Alpaca 'history' (earlier turns) is not read; write the record as ShareGPT or messages.")
     if prompt_style != "template":
-        from lorakit.train.alpaca_prompts import alpaca_ids
-
-        ids, labels, head = alpaca_ids(tokenizer, prompt_style, record["instruction"], record.get("input"),
-                                       record["output"], train_on_prompt)
-        return Example(ids, labels, head, record["output"], record["instruction"])
+        head, response = alpaca_ids(tokenizer, prompt_style, record["instruction"], record.get("input"),
+                                    record["output"])
+        labels = (list(head) if train_on_prompt else [IGNORE_INDEX] * len(head)) + response
+        return Example(head + response, labels, head, record["output"], record["instruction"])
     prompt = "\n".join(part for part in (record["instruction"], record.get("input")) if part)
     system = record.get("system")
     if system and chat_template and getattr(tokenizer, "chat_template", None):

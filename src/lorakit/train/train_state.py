@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from lorakit.errors import AdapterWeightsError
 from lorakit.files.format import atomic_path
-from lorakit.methods.registry import method_of
+from lorakit.methods.table import method_of
 
 STATE_FILE = "lorakit-train-state.safetensors"
 _PARAM, _METHOD = "param/", "method/"

@@ -26,8 +26,8 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import LorakitError, RegistryNotFound
+from lorakit.http.errors import ApiError, check_key
 from lorakit.registry.gates import METRICS
-from lorakit.serve.openai_protocol import ApiError, check_key
 from lorakit.ui.access import Access, allowed_hosts, login_page
 from lorakit.ui.runs import RunIndex, RunNotFound, config_diff
 from lorakit.ui.server_view import ServerView
@@ -227,7 +227,7 @@ def create_ui_app(settings: UISettings, server_transport: httpx.AsyncBaseTranspo
     @app.post("/api/registry/promote")
     def promote(body: PromoteRequest, request: Request) -> dict:
         board.require_admin(request)
-        from lorakit.train.register import gated_promote
+        from lorakit.train.promote import gated_promote
 
         registry = board.require_registry()
         return gated_promote(registry, body.ref, body.alias, body.gates, board.eval_file(body.eval),

@@ -15,8 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorakit.serve.openai_protocol import ApiError, ChatMessage, check_key
-from lorakit.serve.prompts import render_chat
+from lorakit.http.errors import ApiError, check_key
+from lorakit.http.openai_protocol import ChatMessage
+from lorakit.http.prompts import render_chat
 
 INFO_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "model_max_length", "padding_side",
              "truncation_side", "add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
@@ -89,7 +90,7 @@ def tokenizer_router(state) -> APIRouter:
 
     @router.get("/version")
     async def version() -> dict:
-        from lorakit import __version__
+        from lorakit.version import __version__
 
         return {"version": __version__}
 

@@ -13,11 +13,11 @@ never a reply that silently ignored it.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lorakit.http.errors import ApiError
 from lorakit.serve.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 # vLLM's fields for features this server does not have: a 400 that says so (not "unknown field").
@@ -35,28 +35,6 @@ VLLM_UNSUPPORTED = {
     "return_token_offsets": "the render endpoints", "return_mm_kwargs": "the render endpoints",
     "routed_experts_prompt_start": "mixture-of-experts routing data",
 }
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def check_key(request, expected: str | None, what: str) -> None:
-    """401 unless the request's bearer token equals `expected` (constant-time)."""
-    if expected is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    given = token.strip() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise ApiError(401, f"Missing or wrong {what} key: send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
 
 
 # The checks across fields below raise ApiError itself: pydantic lets an exception that is not a ValueError

@@ -19,11 +19,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from lorakit.errors import AdapterLoadError, ContextLengthError, RequestError
+from lorakit.http.errors import ApiError
+from lorakit.http.openai_protocol import ChatCompletionRequest, CompletionRequest
+from lorakit.http.prompts import Prompt
 from lorakit.routing import BASE_ADAPTER
 from lorakit.serve import responses as out
 from lorakit.serve.engine import RequestHandle, RequestOutput
-from lorakit.serve.openai_protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from lorakit.serve.prompts import Prompt
 from lorakit.serve.sampling import SamplingParams
 
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection": counted, never sent

@@ -18,9 +18,9 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from lorakit.errors import AdapterFileNotFoundError, AdapterNameError, LorakitError
-from lorakit.serve.api import ServerState
-from lorakit.serve.local_adapters import folder_problem
-from lorakit.serve.openai_protocol import ApiError, check_key
+from lorakit.http.errors import ApiError, check_key
+from lorakit.http.local_adapters import folder_problem
+from lorakit.http.state import ServerState
 
 
 class LoadLoraAdapterRequest(BaseModel):

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import RegistryUnavailable
+from lorakit.http.errors import ApiError
+from lorakit.http.metrics import ServerMetrics
 from lorakit.serve.engine import Engine, RequestHandle
-from lorakit.serve.metrics import ServerMetrics
-from lorakit.serve.openai_protocol import ApiError
 
 
 @dataclass

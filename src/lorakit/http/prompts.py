@@ -8,7 +8,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.serve.openai_protocol import ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest
+from lorakit.http.errors import ApiError
+from lorakit.http.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 
 @dataclass

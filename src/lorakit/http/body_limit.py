@@ -12,7 +12,7 @@ import json
 
 from starlette.exceptions import HTTPException
 
-from lorakit.serve.openai_protocol import ApiError
+from lorakit.http.errors import ApiError
 
 
 class BodyLimit:

@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lorakit.cli.common import or_exit
+
 app = typer.Typer(name="registry", help="Versioned adapters: push, promote with eval gates, roll back.",
                   no_args_is_help=True, add_completion=False)
 
@@ -31,9 +33,8 @@ def open_registry(location: str | None, blobs: str | None):
 
 
 def _run(function, *args):
-    from lorakit.cli import _or_exit
 
-    return _or_exit(function, *args)
+    return or_exit(function, *args)
 
 
 def _print(value, as_json: bool, table: Table | None = None) -> None:
@@ -129,7 +130,7 @@ def promote(ref: str, to: str = typer.Option(..., "--to", help="The alias to poi
             registry: str | None = REGISTRY, blobs: str | None = BLOBS,
             as_json: bool = JSON) -> None:
     """Point an alias at REF — after its gates pass and it scores no worse than what the alias holds."""
-    from lorakit.train.register import gated_promote
+    from lorakit.train.promote import gated_promote
 
     def run():
         return gated_promote(open_registry(registry, blobs), ref, to, gate, eval_data, model, max_examples,
@@ -223,7 +224,7 @@ def retrain(name: str, base: str = typer.Option(..., "--base", help="The new bas
     import contextlib
     import sys
 
-    from lorakit.train.register import retrain as run_retrain
+    from lorakit.train.promote import retrain as run_retrain
 
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():  # stdout: the JSON alone
         info = _run(lambda: run_retrain(open_registry(registry, blobs), name, base, output_dir, alias, overwrite))

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorakit.errors import ConfigError
-from lorakit.serve.local_adapters import adapter_folders, folder_problem
+from lorakit.http.local_adapters import adapter_folders, folder_problem
 
 _log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def build_state(settings: ServeSettings):
     """Load the base, wrap it for serving, start the engine and register the adapters."""
     import lorakit
     from lorakit.base_models import PUBLIC_IDS, builtin_alias, load_base, load_tokenizer
-    from lorakit.serve.api import ServerState
+    from lorakit.http.state import ServerState
     from lorakit.serve.engine import Engine
 
     if settings.dtype not in _DTYPES:
@@ -116,24 +116,12 @@ def build_state(settings: ServeSettings):
                        created=int(time.time()), sync=sync, refused_local=refused)
 
 
-def mount_dashboard(app, settings: ServeSettings) -> None:
-    """`--ui`: the dashboard at /ui, showing this server (in-process, through its own routes and keys),
-    its registry and `--ui-runs`."""
-    import httpx
-
-    from lorakit.ui.app import UISettings, create_ui_app
-
-    ui = UISettings(runs=settings.ui_runs, registry=settings.registry, registry_blobs=settings.registry_blobs,
-                    server="http://lorakit-serve", server_api_key=settings.api_key, admin_key=settings.admin_key,
-                    host=settings.host, allowed_hosts=settings.allowed_hosts)
-    app.mount("/ui", create_ui_app(ui, server_transport=httpx.ASGITransport(app=app)))
-
-
-def run(settings: ServeSettings, ready=None) -> None:
-    """Serve until SIGTERM (drain, exit 0) or Ctrl-C. `ready(state)` is called once the port is bound."""
+def run(settings: ServeSettings, ready=None, mount=None) -> None:
+    """Serve until SIGTERM (drain, exit 0) or Ctrl-C. `ready(state)` is called once the port is bound;
+    `mount(app, settings)` adds to the app before it serves (the CLI mounts the dashboard with it)."""
     import uvicorn
 
-    from lorakit.serve.api import create_app
+    from lorakit.http.app import create_app
 
     state = build_state(settings)
 
@@ -160,8 +148,8 @@ def run(settings: ServeSettings, ready=None) -> None:
                 ready(state)
 
     app = create_app(state, max_request_bytes=int(settings.max_request_mb * 2**20))
-    if settings.ui:
-        mount_dashboard(app, settings)
+    if mount is not None:
+        mount(app, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=max(settings.shutdown_timeout, 1.0), access_log=False)
     try:

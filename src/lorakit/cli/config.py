@@ -8,9 +8,11 @@ import json
 from pathlib import Path
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
+
+from lorakit.cli.common import or_exit
+from lorakit.train.config_import import write_import
 
 app = typer.Typer(help="Job configs: import Axolotl / LLaMA-Factory configs.", no_args_is_help=True)
 STATUS_STYLE = {"mapped": "green", "default": "cyan", "ignored": "yellow"}
@@ -24,9 +26,8 @@ def import_config(
     as_json: bool = typer.Option(False, "--json", help="Print the mapping rows as JSON."),
 ) -> None:
     """Write the equivalent lorakit YAML and show, key by key, what mapped, what was ignored and why."""
-    from lorakit.cli import _or_exit
 
-    rows, written, dialect = _or_exit(write_import, file, out, force)
+    rows, written, dialect = or_exit(write_import, file, out, force)
     if as_json:
         typer.echo(json.dumps({"dialect": dialect, "written": str(written), "rows": [vars(r) for r in rows]},
                               indent=2, default=str))
@@ -49,7 +50,6 @@ def import_config(
 @app.command()
 def keys(dialect: str = typer.Argument(..., help="axolotl | llamafactory")) -> None:
     """List the keys of another tool's config that lorakit maps or knowingly ignores."""
-    from lorakit.cli import _or_exit
     from lorakit.errors import ConfigError
     from lorakit.train.foreign import DIALECTS, known_keys
 
@@ -58,31 +58,7 @@ def keys(dialect: str = typer.Argument(..., help="axolotl | llamafactory")) -> N
             raise ConfigError(f"dialect must be one of {', '.join(DIALECTS)}, got {dialect!r}.")
         return known_keys(dialect)
 
-    typer.echo("\n".join(_or_exit(listed)))
-
-
-def write_import(file: Path, out: Path | None, force: bool = False):
-    """(rows, the file written, the dialect). What is written is checked as `lorakit train` would check it
-    (schema, the adapter config) first; an existing file is replaced only with `force`, the source never."""
-    from lorakit.errors import ConfigError
-    from lorakit.files.format import write_text_atomic
-    from lorakit.train.config import JobConfig, check_config, read_yaml
-    from lorakit.train.config_errors import validated
-    from lorakit.train.foreign import to_lorakit
-
-    imported = to_lorakit(read_yaml(file), file)
-    if imported.dialect == "lorakit":
-        raise ConfigError(f"{file} is not an Axolotl or LLaMA-Factory config (it has none of their keys, or has "
-                          "lorakit's sections); `lorakit train` reads it as it is.")
-    target = out or file.with_name(f"{file.stem}.lorakit.yaml")
-    if target.exists() and target.resolve() == file.resolve():
-        raise ConfigError(f"{target} is the file being imported; write the lorakit config elsewhere (-o).")
-    if target.exists() and not force:
-        raise ConfigError(f"{target} exists; pass --force to replace it, or choose another -o.")
-    check_config(validated(JobConfig, imported.config))
-    header = f"# lorakit job, imported from the {imported.dialect} config {file.resolve()} (`lorakit config import`)\n"
-    write_text_atomic(target, header + yaml.safe_dump(imported.config, sort_keys=False))
-    return imported.rows, target, imported.dialect
+    typer.echo("\n".join(or_exit(listed)))
 
 
 def _short(value) -> str:

@@ -1,10 +1,6 @@
-"""The OpenAI-compatible HTTP API over one `Engine`: /v1/chat/completions, /v1/completions, /v1/models
-(and /v1/models/{id}), vLLM's /tokenize, /detokenize, /tokenizer_info and /version, /health, /metrics
-(admin routes: admin.py; a request's life: completions.py; what the routes share: state.py).
-
-The request's `model` picks the adapter: the base model's name → no adapter, an adapter's
-name → that adapter, anything else → 404 in OpenAI's error shape (TGI silently falls back to
-the base model on an unknown adapter id; we never do). Every error is OpenAI's body
+"""The OpenAI-compatible HTTP app over one `Engine`, put together: OpenAI's routes (openai_routes.py),
+vLLM's tokenizer routes (tokenizer_routes.py) and admin routes (admin_routes.py, only with an admin
+key), /health and /metrics, and the error handlers. What the routes share: state.py. Every error is OpenAI's body
 `{"error": {"message", "type", "param", "code"}}`, so the `openai` client raises its typed
 exceptions (NotFoundError, AuthenticationError, RateLimitError, BadRequestError) — a malformed
 JSON body included, with where it broke.
@@ -16,58 +12,22 @@ worker thread, and adapter loads run on the adapter cache's loader thread.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.errors import AdapterNameError, RequestError
-from lorakit.serve import openai_protocol as oa
-from lorakit.serve.completions import Generation
-from lorakit.serve.openai_protocol import ApiError, check_key
-from lorakit.serve.prompts import chat_prompt, completion_prompts
-from lorakit.serve.state import ServerState
-from lorakit.serve.tokenizer_routes import tokenizer_router
+from lorakit.http import openai_protocol as oa
+from lorakit.http.admin_routes import admin_router
+from lorakit.http.body_limit import BodyLimit
+from lorakit.http.errors import ApiError
+from lorakit.http.openai_routes import inference_router
+from lorakit.http.state import ServerState
+from lorakit.http.tokenizer_routes import tokenizer_router
 
 __all__ = ["ServerState", "create_app"]
-
-
-def inference_router(state: ServerState) -> APIRouter:
-    def inference_key(request: Request) -> None:
-        check_key(request, state.api_key, "API")
-
-    router = APIRouter(dependencies=[Depends(inference_key)])
-
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
-        request.state.label = body.model
-        oa.refuse_tool_use(body)
-        adapter = await state.resolve_off_loop(body.model)
-        tokenizer = state.tokenizer_for(adapter)
-        prompt = await chat_prompt(tokenizer, body, state.engine.max_model_len)
-        return await Generation(state, request, body, adapter, [prompt], True, tokenizer).reply()
-
-    @router.post("/v1/completions")
-    async def completions(body: oa.CompletionRequest, request: Request) -> Response:
-        request.state.label = body.model
-        adapter = await state.resolve_off_loop(body.model)
-        tokenizer = state.tokenizer_for(adapter)
-        prompts = await completion_prompts(tokenizer, body, state.engine.max_model_len)
-        return await Generation(state, request, body, adapter, prompts, False, tokenizer).reply()
-
-    @router.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": state.cards()}
-
-    @router.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict:
-        if model not in state.base_names and model not in state.engine.adapters:
-            raise ApiError(404, f"The model `{model}` does not exist.", type="invalid_request_error", param="model",
-                           code="model_not_found")
-        return state.card(None if model in state.base_names else model)
-
-    return router
 
 
 def _validation_error(error: RequestValidationError) -> ApiError:
@@ -92,9 +52,6 @@ def _validation_error(error: RequestValidationError) -> ApiError:
 
 
 def create_app(state: ServerState, max_request_bytes: int = 4 << 20) -> FastAPI:
-    from lorakit.serve.admin import admin_router
-    from lorakit.serve.body_limit import BodyLimit
-
     app = FastAPI(title="lorakit serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
