@@ -169,7 +169,7 @@ def test_promote_refuses_a_tampered_blob_and_another_base_unless_told(backend, t
 
 
 def test_gated_promote_across_a_base_update_evaluates_each_version_on_its_own_base(tiny, tmp_path, monkeypatch):
-    from lorakit.train import job, register
+    from lorakit.train import job, promote
 
     registry = Registry(f"sqlite:///{tmp_path / 'r.db'}", tmp_path / "blobs")
     held = registry.push("svc", tiny["adapters"]["v1"], alias="prod")
@@ -182,7 +182,7 @@ def test_gated_promote_across_a_base_update_evaluates_each_version_on_its_own_ba
         return {"adapter": {"exact_match": 1.0, "loss": 0.1}}
 
     monkeypatch.setattr(job, "run_eval", fake_eval)
-    register.gated_promote(registry, candidate.ref, "prod", [], tmp_path / "eval.jsonl", new_base=True)
+    promote.gated_promote(registry, candidate.ref, "prod", [], tmp_path / "eval.jsonl", new_base=True)
     assert evaluated_on == {candidate.digest: candidate.base_model, held.digest: held.base_model}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from lorakit.errors import RegistryError
 from lorakit.registry.gates import METRICS, Gate
 from lorakit.registry.store import Registry, VersionInfo
+from lorakit.train import job
 from lorakit.train.config import EvalConfig, load_job_config
-from lorakit.train.job import run_eval, run_train
 from lorakit.train.register import push_run
 
 
@@ -36,7 +36,7 @@ def _evaluator(candidate: VersionInfo, model: str, data: Path, max_examples: int
     def evaluate(info: VersionInfo, folder: Path) -> dict:
         same_base = info.ref == candidate.ref or info.fingerprint == candidate.fingerprint
         settings = EvalConfig(samples=0, **({"max_examples": max_examples} if max_examples else {}))
-        scores = run_eval(model if same_base else info.base_model, folder, data, settings=settings)["adapter"]
+        scores = job.run_eval(model if same_base else info.base_model, folder, data, settings=settings)["adapter"]
         return {k: v for k, v in scores.items() if k in METRICS}
 
     return evaluate
@@ -63,6 +63,6 @@ def retrain(registry: Registry, ref: str, base: str, output_dir: Path | None = N
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         path.write_text(recorded)
-        job = load_job_config(path, [f"model={base}", f"output_dir={out}", "register.name=null"])
-    summary = run_train(job, overwrite=True)
-    return push_run(registry, info.name, alias, summary, job.to_yaml(), parent=info.ref)
+        config = load_job_config(path, [f"model={base}", f"output_dir={out}", "register.name=null"])
+    summary = job.run_train(config, overwrite=True)
+    return push_run(registry, info.name, alias, summary, config.to_yaml(), parent=info.ref)
