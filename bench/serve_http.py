@@ -32,8 +32,8 @@ import httpx
 import lorakit
 from harness import emit, progress
 from lorakit.base_models import load_model, resolve_model_path
-from lorakit.serve import Engine, SamplingParams
 from lorakit.http.process import ServerProcess, free_port
+from lorakit.serve import Engine, SamplingParams
 from serve_engine import RANKS, config, latency_summary, percentile, requests
 
 CONCURRENCY = {1: 8, 8: 24, 32: 64}  # concurrency -> requests sent

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lorakit.adapters import AdapterSet
@@ -30,7 +31,7 @@ from lorakit.methods.protocol import AdapterConfig
 from lorakit.methods.table import method_of
 from lorakit.routing import Routing
 from lorakit.status import TunerLayerStatus, TunerModelStatus, count_parameters, layer_status, model_status
-from lorakit.tuner import LoraModel
+from lorakit.tuner import AdapterModel
 
 
 def _names(names: str | Sequence[str]) -> list[str]:
@@ -48,7 +49,7 @@ class PeftModel(nn.Module):
         # now, before any merge can change the weights (from_pretrained passes the one it checked against)
         self.base_fingerprint = _fingerprint or base_fingerprint(model)
         self.adapter_set = AdapterSet()
-        self.base_model = LoraModel(model, self.adapter_set)
+        self.base_model = AdapterModel(model, self.adapter_set)
         if peft_config is not None:  # None: no adapter yet (`for_serving`)
             self.adapter_set.check_new_name(adapter_name)
             self.base_model.install(adapter_name, resolve_config(model, peft_config), _load_plan)
@@ -229,6 +230,19 @@ class PeftModel(nn.Module):
 
     def generate(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         return self.base_model.generate(*args, adapter_names=adapter_names, **kwargs)
+
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, routing: Routing, *,
+                       logits_to_keep: torch.Tensor | None = None, placed_embeddings=None):
+        """One packed row `[1, T]` of several sequences end to end, each token routed to its own adapter — an
+        engine step. Virtual-token adapters are the caller's to place (their slots are in the row already): a
+        soft prompt's embeddings come as `placed_embeddings` = (packed indices, vectors), a prefix's keys and
+        values go in the caller's KV cache. The attention is the caller's too (its cache, its backend)."""
+        return self.base_model.forward_packed(input_ids, position_ids, routing, logits_to_keep, placed_embeddings)
+
+    def virtual_tokens(self, adapter_name: str) -> tuple[str, torch.Tensor, object] | None:
+        """(where they go: "inputs" | "keys", the tokens, the config) of a virtual-token adapter; None for any
+        other adapter — for a caller that places them itself (`forward_packed`)."""
+        return self.base_model.virtual_tokens(adapter_name)
 
     def set_fast_path(self, enabled: bool) -> None:
         """The fused training path (fused LoRA op, loss without full logits) on (default) or off: off

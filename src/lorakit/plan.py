@@ -47,7 +47,7 @@ GB = 1e9
 NF4_BITS = 4.0
 ACTIVATION_FACTOR = 1.6  # eager PyTorch keeps this much more than the analytic count (see above)
 DOUBLE_QUANT_CONSTANT_BITS = 8 / 64 + 32 / (64 * 256)  # absmax in 8 bits per 64 weights, fp32 per 256 absmax
-METHODS = ("full", "lora", "qlora")
+PLAN_METHODS = ("full", "lora", "qlora")
 
 
 @dataclass
@@ -144,8 +144,8 @@ def plan(
     runtime_gb: float = 0.0, activation_factor: float = ACTIVATION_FACTOR,
 ) -> Plan:
     """Memory of one training setup, by part, in GB (1e9 bytes)."""
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {METHODS}, got {method!r}.")
+    if method not in PLAN_METHODS:
+        raise ConfigError(f"--method must be one of {PLAN_METHODS}, got {method!r}.")
     compute_bytes = compute_bytes or weight_bytes
     P = shape.params
     result = Plan(method)

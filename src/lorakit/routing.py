@@ -40,12 +40,10 @@ class Routing:
     tests compare the banked one to.
     """
 
-    def __init__(self, adapter_names: Sequence[str], per_token: bool = False, reference: bool = False,
-                 virtual_placed: bool = False):
+    def __init__(self, adapter_names: Sequence[str], per_token: bool = False, reference: bool = False):
         self.names = list(adapter_names)
         self.per_token = per_token
         self.reference = reference
-        self.virtual_placed = virtual_placed  # a packed batch whose soft prompts / prefixes the caller put in place
         entries: dict[str, list[int]] = {}
         for i, name in enumerate(self.names):
             entries.setdefault(name, []).append(i)

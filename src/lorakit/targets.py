@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.base_layers import conv1d_type
 from lorakit.errors import TargetModulesError
+from lorakit.layer_shapes import conv1d_type
 from lorakit.methods import inner_module
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
 SEQ_CLS_HEADS = ("score", "classifier")

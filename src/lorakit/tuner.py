@@ -1,4 +1,5 @@
-"""`LoraModel`: the model's module tree with adapters in it — wrapping, and what runs over every layer.
+"""`AdapterModel` (PEFT's name for it, for LoRA: `LoraModel`): the model's module tree with adapters of any
+method in it — wrapping, and what runs over every layer.
 
 It holds the user's model as `.model` (so parameter names read
 `base_model.model.<module path>…`, exactly PEFT's) and the model's `AdapterSet`, which
@@ -27,7 +28,7 @@ from lorakit.errors import AdapterStateError
 from lorakit.files.tensors import LoadPlan, adapter_tensors, apply_biases
 from lorakit.fused_loss import causal_lm_loss_forward, fused_loss_applies
 from lorakit.methods import inner_module, layer_chain, layer_of
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 from lorakit.methods.table import acts_on_inputs, method_of
 from lorakit.methods.virtual_tokens.encoders import VirtualTokenEncoders
@@ -36,7 +37,7 @@ from lorakit.routing import Routing, adapter_routing, current_routing, gradient_
 from lorakit.targets import find_modules_to_save, find_target_modules, named_candidates
 
 
-class LoraModel(nn.Module):
+class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module, adapter_set: AdapterSet):
         super().__init__()
         self.model = model
@@ -116,15 +117,24 @@ class LoraModel(nn.Module):
                                         "(stack one with layer adapters such as LoRA instead).")
             names = virtual[:1] * inputs.shape[0]
         else:
-            if routing.per_token and routing.virtual_placed:
-                return None  # the engine put each sequence's virtual tokens in place (serve/virtual.py)
             if routing.per_token and any(name in self.prompt_encoder for name in routing.names):
                 raise AdapterStateError("Virtual-token adapters choose per row (adapter_names=[...] per row), not per "
-                                        "token of a packed batch (unless the packer places them: serve/virtual.py).")
+                                        "token of a packed batch (unless the caller places them: forward_packed).")
             names = routing.names
         rows = [RowTokens(self.prompt_encoder[n], self.adapter_set.configs[n]) if n in self.prompt_encoder else None
                 for n in names]
         return rows if any(rows) else None
+
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, routing: Routing,
+                       logits_to_keep: torch.Tensor | None, placed_embeddings) -> object:
+        """PeftModel.forward_packed: the wrapped model on one packed row under `routing`, nothing inserted."""
+        call = {"position_ids": position_ids, "use_cache": False, "logits_to_keep": logits_to_keep}
+        with self.running(routing):
+            if placed_embeddings is None:
+                return self.model(input_ids=input_ids, **call)
+            rows, vectors = placed_embeddings  # embedded under the routing: an adapter on the embeddings applies
+            embeds = self.model.get_input_embeddings()(input_ids)
+            return self.model(inputs_embeds=embeds.index_copy(1, rows, vectors[None].to(embeds.dtype)), **call)
 
     def virtual_tokens(self, name: str) -> tuple[str, torch.Tensor, object] | None:
         """(places, tokens, config) of a virtual-token adapter, None for any other: for a packer that puts
@@ -383,3 +393,6 @@ class LoraModel(nn.Module):
             for layer in self.adapter_layers():
                 if layer.bias is not None:
                     layer.bias.requires_grad_(True)
+
+
+LoraModel = AdapterModel  # PEFT's name: `model.base_model` is a LoraModel there too

@@ -239,21 +239,21 @@ def test_text_chat_messages_and_stops_with_a_tokenizer(tmp_path):
 def test_a_failing_step_is_run_again_request_by_request_and_the_loop_goes_on(setup):
     base, model, paths = setup
     engine = _engine(model)
-    forward, calls = engine._forward, []
+    forward, calls = engine.runner.forward, []
 
-    def broken_once(batch):
-        calls.append(len(batch))
+    def broken_once(step):
+        calls.append(len(step.plan))
         if len(calls) == 1:
             raise RuntimeError("injected")
-        return forward(batch)
+        return forward(step)
 
-    engine._forward = broken_once
+    engine.runner.forward = broken_once
     prompts = _prompts(2, seed=20)
     handles = [engine.add_request(p, "a", GREEDY) for p in prompts]
     assert engine.step() == 2 and calls == [2, 1, 1]  # the step raised; its chunks ran again one by one
     for handle, prompt in zip(handles, prompts, strict=True):  # and nobody failed with it
         assert handle.result().token_ids == _alone(base, model, paths, prompt, "a")
-    engine._forward = forward
+    engine.runner.forward = forward
     assert engine.add_request(_prompts(1, seed=21)[0], "b", GREEDY).result().finish_reason == "length"
     assert engine.stats()["kv_blocks_used"] == 0
 
@@ -298,3 +298,19 @@ def test_a_bf16_or_4_bit_base_answers_as_generate_does(kind, tmp_path):
             assert out.token_ids == steps.argmax(-1).tolist(), adapter
         else:
             assert (steps.max(-1).values - chosen).max() <= BF16_TIE, adapter
+
+
+def test_the_callers_attention_choice_is_untouched_between_steps(setup):
+    """The paged attention is named on the config for an engine step's forward only: before, between and after
+    steps the config says what its owner chose, and the model answers as it did (eager here)."""
+    base, model, paths = setup
+    mine = copy.deepcopy(model)
+    mine.get_base_model().set_attn_implementation("eager")
+    engine = Engine(mine, max_model_len=64, kv_cache_memory=1 << 22, block_size=4)
+    assert mine.get_base_model().config._attn_implementation == "eager"
+    prompt = _prompts(1, seed=30)[0]
+    handle = engine.add_request(prompt, "a", GREEDY)
+    engine.step()
+    assert mine.get_base_model().config._attn_implementation == "eager"  # between two steps
+    assert handle.result().token_ids == _alone(base, model, paths, prompt, "a")
+    assert mine.get_base_model().config._attn_implementation == "eager"

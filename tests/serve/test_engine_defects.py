@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 import lorakit
 from conftest import tiny_llama
 from lorakit.serve import Engine, SamplingParams
-from lorakit.serve import engine as engine_module
+from lorakit.serve import runner as runner_module
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
@@ -29,14 +29,14 @@ def test_a_failing_sample_fails_its_own_request_and_its_neighbours_are_exact(mod
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
     expected = [o.token_ids for o in Engine(model, max_model_len=64).generate(prompts, ["a", None], GREEDY)]
     poisoned = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, seed=1)
-    real = engine_module.choose
+    real = runner_module.choose
 
     def choose(logits, params, *args):
         if params is poisoned:
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         return real(logits, params, *args)
 
-    monkeypatch.setattr(engine_module, "choose", choose)
+    monkeypatch.setattr(runner_module, "choose", choose)
     engine = Engine(model, max_model_len=64)
     outputs = engine.generate([*prompts, [3, 4]], ["a", None, "a"], [GREEDY, GREEDY, poisoned])
     assert [o.token_ids for o in outputs[:2]] == expected  # the neighbours in its steps: untouched

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.base_layers import conv1d_type, linear_features
 from lorakit.errors import AdapterBaseMismatch
+from lorakit.layer_shapes import conv1d_type, linear_features
 from lorakit.methods import inner_module
 from lorakit.quant import float_weight, quant_kind
 

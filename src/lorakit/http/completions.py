@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from lorakit.errors import AdapterLoadError, ContextLengthError, RequestError
+from lorakit.http import responses as out
 from lorakit.http.errors import ApiError
 from lorakit.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lorakit.http.prompts import Prompt
 from lorakit.routing import BASE_ADAPTER
-from lorakit.serve import responses as out
 from lorakit.serve.engine import RequestHandle, RequestOutput
 from lorakit.serve.sampling import SamplingParams
 

@@ -1,8 +1,8 @@
 """Adapter methods, one folder each (`lora/`, …), behind the protocol in `protocol.py`;
 `registry.py` maps a config or PEFT type to its method. Shared here: the adapted-layer
-bookkeeping (`base_layer.py`) and whole-module copies (`modules_to_save.py`)."""
+bookkeeping (`adapter_layer.py`) and whole-module copies (`modules_to_save.py`)."""
 
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["AdapterLayer", "ModulesToSaveWrapper", "inner_module", "layer_chain", "layer_of", "no_weight_conversion"]

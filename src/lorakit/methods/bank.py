@@ -67,7 +67,7 @@ class Bucket:
 
 
 @dataclass(frozen=True)
-class Entry:
+class BankRow:
     """Where one adapter's factors sit in one layer, and how it is applied."""
 
     key: Key
@@ -77,16 +77,16 @@ class Entry:
 
 
 class Layout:
-    """A layer's slot → Entry map. Equal layouts are one object (`Layout.of`), so layers with the same
+    """A layer's slot → BankRow map. Equal layouts are one object (`Layout.of`), so layers with the same
     adapters in the same rows share one routing plan, found by identity."""
 
     _interned: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-    def __init__(self, entries: dict[int, Entry]):
+    def __init__(self, entries: dict[int, BankRow]):
         self.entries = entries
 
     @classmethod
-    def of(cls, entries: dict[int, Entry]) -> Layout:
+    def of(cls, entries: dict[int, BankRow]) -> Layout:
         key = tuple(sorted((slot, e.key, e.row, e.scaling, e.banked) for slot, e in entries.items()))
         layout = cls._interned.get(key)
         if layout is None:
@@ -100,7 +100,7 @@ class SlotBank:
     def __init__(self, in_features: int, out_features: int):
         self.in_features, self.out_features = in_features, out_features
         self.buckets: dict[Key, Bucket] = {}
-        self.entries: dict[int, Entry] = {}
+        self.entries: dict[int, BankRow] = {}
         self.layout = Layout.of({})
 
     def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool,
@@ -119,7 +119,7 @@ class SlotBank:
             bucket.a[row].copy_(a)
             bucket.b[row].copy_(b)
         bucket.owner[row] = slot
-        self.entries[slot] = Entry(key, row, scaling, banked)
+        self.entries[slot] = BankRow(key, row, scaling, banked)
         self.layout = Layout.of(self.entries)
         return bucket.a[row], bucket.b[row]
 

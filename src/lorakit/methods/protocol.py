@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeAlias
 import torch
 from torch import nn
 
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 
 AdapterConfig: TypeAlias = Any  # a registered method's config class (LoraConfig, IA3Config, …)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from lorakit.errors import ConfigError
 from lorakit.methods.adalora.method import ADALORA
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.bottleneck.method import BOTTLENECK
 from lorakit.methods.ia3.method import IA3
 from lorakit.methods.lora.method import LORA

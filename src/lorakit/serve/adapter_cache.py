@@ -51,7 +51,7 @@ class Version:
 
 
 @dataclass
-class Entry:
+class Registered:
     path: Path | None  # None: an adapter put on the model directly (never evicted, never reloaded)
     pinned: bool = False
     current: Version | None = None
@@ -66,14 +66,14 @@ class AdapterCache:
         self.model = model
         self.max_cpu_loras = max_cpu_loras
         self.stats = CacheStats()
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Registered] = {}
         self._versions: dict[str, Version] = {}  # every version on the model, current or stale, by internal name
         self._recent: OrderedDict[str, None] = OrderedDict()  # resident names, least recently used first
         self._numbers: dict[str, int] = {}  # last version number per name, kept after unload: never reused
         self._lock = threading.Lock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorakit-adapter-loader")
         for name in list(model.peft_config):  # adapters already on the model: usable, pinned
-            self._entries[name] = Entry(path=None, pinned=True, current=self._version(name))
+            self._entries[name] = Registered(path=None, pinned=True, current=self._version(name))
 
     # -- registering ------------------------------------------------------------------------------
     def register(self, name: str, path: str | Path, pinned: bool = False, label: str | None = None) -> None:
@@ -82,7 +82,7 @@ class AdapterCache:
         with self._lock:
             entry = self._replaceable(name)
             if entry is None:
-                entry = self._entries[name] = Entry(Path(path), pinned, label=label)
+                entry = self._entries[name] = Registered(Path(path), pinned, label=label)
             else:
                 entry.path, entry.pinned, entry.error, entry.label = Path(path), pinned, None, label
             doomed = self._retire(name, entry)
@@ -201,18 +201,18 @@ class AdapterCache:
         version = self._versions[internal] = Version(internal)
         return version
 
-    def _entry(self, name: str) -> Entry:
+    def _entry(self, name: str) -> Registered:
         if name not in self._entries:
             raise AdapterNameError(f"Unknown adapter {name!r}; registered: {sorted(self._entries)}.")
         return self._entries[name]
 
-    def _replaceable(self, name: str) -> Entry | None:
+    def _replaceable(self, name: str) -> Registered | None:
         entry = self._entries.get(name)
         if entry is not None and entry.path is None:
             raise AdapterNameError(f"{name!r} was put on the model directly; pick another name.")
         return entry
 
-    def _start_load(self, name: str, entry: Entry) -> None:
+    def _start_load(self, name: str, entry: Registered) -> None:
         if entry.current is None and entry.loading is None and entry.path is not None:
             entry.loading = self._loader.submit(self._load_registered, name, entry, entry.path)
 
@@ -234,7 +234,7 @@ class AdapterCache:
             self.stats.load_seconds += time.perf_counter() - start
         return internal
 
-    def _load_registered(self, name: str, entry: Entry, path: Path) -> None:
+    def _load_registered(self, name: str, entry: Registered, path: Path) -> None:
         try:
             internal = self._load_version(name, path, entry.label)
         except Exception as error:  # noqa: BLE001 - any failure is reported to this adapter's requests
@@ -262,7 +262,7 @@ class AdapterCache:
             else:
                 error = None
                 if entry is None:
-                    entry = self._entries[name] = Entry(path, pinned, label=label)
+                    entry = self._entries[name] = Registered(path, pinned, label=label)
                     doomed = []
                 else:
                     entry.path, entry.pinned, entry.error, entry.label = path, pinned, None, label
@@ -275,7 +275,7 @@ class AdapterCache:
             raise error
         return internal
 
-    def _retire(self, name: str, entry: Entry) -> list[str]:
+    def _retire(self, name: str, entry: Registered) -> list[str]:
         """Detach the current version from `name` (under the lock): returned to delete now if unused, else
         marked stale, to go when its last user finishes (`release`)."""
         version, entry.current = entry.current, None

@@ -10,8 +10,10 @@ step's k, v into each token's cache block, then attends:
   call with a length mask;
 - each prefill chunk on its own: its blocks up to its context, causal from its first position.
 
-Outside an engine step (no `StepPlan` published) the same registered name behaves exactly as
-"sdpa", mask included, so the model stays usable for `generate` and training in between.
+The backend is registered with transformers once (at import) and named on the model's config only for
+the duration of an engine step (`paged`): between steps the config says what its owner chose. A forward
+that reads the name during a step but is not part of it (another thread using the same model) is handed
+to its owner's implementation, mask included.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lorakit.serve.kv_cache import PagedKVCache
 
@@ -41,8 +44,9 @@ class PrefillChunk:
 
 
 @dataclass
-class StepPlan:
-    """Where every token of one packed step goes, built once per step and read by every layer."""
+class KVPlan:
+    """Where every token of one packed step goes in the paged cache and what it attends to; built once per
+    step (serve/step.py) and read by every attention layer."""
 
     cache: PagedKVCache
     write_blocks: torch.Tensor  # (T,) block of each new token
@@ -56,16 +60,27 @@ class StepPlan:
     fixed: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
 
 
-_plan: ContextVar[StepPlan | None] = ContextVar("lorakit_step_plan", default=None)
+_plan: ContextVar[KVPlan | None] = ContextVar("lorakit_kv_plan", default=None)
+_owners_choice: dict[int, str] = {}  # id(config) → the implementation its owner chose, while a step runs
 
 
 @contextmanager
-def step_plan(plan: StepPlan) -> Iterator[None]:
+def paged(config, plan: KVPlan) -> Iterator[None]:
+    """One engine step's forward: this backend named on `config` and `plan` published, both undone after."""
+    chosen = config._attn_implementation
+    _owners_choice[id(config)] = chosen
+    config._attn_implementation = NAME
     token = _plan.set(plan)
     try:
         yield
     finally:
         _plan.reset(token)
+        config._attn_implementation = chosen
+        _owners_choice.pop(id(config), None)
+
+
+def _owners(config) -> str:
+    return _owners_choice.get(id(config), "sdpa")
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -79,9 +94,9 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     plan = _plan.get()
-    if plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+    if plan is None:  # not this step's forward: its owner's implementation (eager has no shared function: sdpa)
+        forward = ALL_ATTENTION_FUNCTIONS.get(_owners(module.config), sdpa_attention_forward)
+        return forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     k_cache, v_cache = plan.cache.k[module.layer_idx], plan.cache.v[module.layer_idx]
     k_cache[plan.write_blocks, plan.write_offsets] = key[0].transpose(0, 1).to(k_cache.dtype)
     v_cache[plan.write_blocks, plan.write_offsets] = value[0].transpose(0, 1).to(v_cache.dtype)
@@ -110,12 +125,13 @@ def paged_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def paged_mask(*args, **kwargs):
-    """No mask inside an engine step (the attention builds its own); sdpa's everywhere else."""
-    return None if _plan.get() is not None else sdpa_mask(*args, **kwargs)
+    """No mask inside an engine step (the attention builds its own); the owner's everywhere else."""
+    if _plan.get() is not None:
+        return None
+    config = kwargs.get("config")
+    mask = ALL_MASK_ATTENTION_FUNCTIONS.get(_owners(config) if config is not None else "sdpa", sdpa_mask)
+    return mask(*args, **kwargs)
 
 
-def register() -> str:
-    """Register the attention under NAME with transformers (idempotent); returns NAME."""
-    AttentionInterface.register(NAME, paged_attention)
-    AttentionMaskInterface.register(NAME, paged_mask)
-    return NAME
+AttentionInterface.register(NAME, paged_attention)  # once, at import
+AttentionMaskInterface.register(NAME, paged_mask)

@@ -4,11 +4,17 @@
     engine.adapters.register("support", "adapters/support")
     outputs = engine.generate(["Hi", "Hello"], adapters=["support", None], sampling=SamplingParams(max_tokens=32))
 
-Every step (`step()`), the scheduler (scheduler.py) picks the sequences to run and how many
-tokens each; the engine packs all their new tokens into one row `[1, T]` — decode tokens and
-prefill chunks alike, whatever adapter each uses — and runs one forward with per-token
-adapter routing (routing.py, methods/lora/mixed.py) and the paged attention (attention.py,
-kv_cache.py). Only the last token of each sequence that completes goes through the LM head.
+Every step (`step()`), in this order and nowhere else:
+1. requests that arrived and aborts from other threads are taken in;
+2. waiting requests whose adapter is resident now are bound to its version (residency is the adapter
+   cache's answer, an input to the scheduler — adapter_cache.py);
+3. the scheduler plans (scheduler.py): which sequences run and how many tokens each;
+4. the plan becomes one `Step` (step.py): all their new tokens packed into one row `[1, T]` — decode
+   tokens and prefill chunks alike, whatever adapter each uses — with per-token routing and the paged
+   KV plan; the runner (runner.py) runs the forward and samples. If the step raises, its chunks run
+   again one by one, so only the one that caused it fails;
+5. the scheduler applies the result (`update`); new tokens are settled into text (outputs.py) and
+   streamed; finished requests give back their blocks and their adapter.
 
 Why packed and not padded per step: a step that mixes one 256-token prefill chunk with 15
 decodes costs 271 tokens packed, 16 × 256 padded; and per-token routing costs the same as
@@ -25,18 +31,16 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 
-import torch
-
 from lorakit.errors import ContextLengthError, RequestError
-from lorakit.routing import BASE_ADAPTER, Routing
-from lorakit.serve import attention
+from lorakit.routing import BASE_ADAPTER
 from lorakit.serve.adapter_cache import AdapterCache
 from lorakit.serve.kv_cache import PagedKVCache
 from lorakit.serve.outputs import RequestOutput, output_of, settle
-from lorakit.serve.packing import pack, wants_prompt_logprobs
 from lorakit.serve.request_handle import RequestHandle
-from lorakit.serve.sampling import SamplingParams, choose, generator_for, logprob_of
-from lorakit.serve.scheduler import Scheduled, Scheduler, Sequence
+from lorakit.serve.runner import ModelRunner, StepResult
+from lorakit.serve.sampling import SamplingParams, generator_for
+from lorakit.serve.scheduler import Plan, Scheduler, Sequence
+from lorakit.serve.step import build_step
 from lorakit.serve.virtual import VirtualTokens
 
 _log = logging.getLogger(__name__)
@@ -50,7 +54,6 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         base = model.get_base_model()
         config = base.config
-        base.config._attn_implementation = attention.register()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dtype = next(p for p in base.parameters() if p.dtype.is_floating_point).dtype
@@ -65,7 +68,8 @@ class Engine:
         self.eos_ids = set(_as_list(getattr(getattr(base, "generation_config", None), "eos_token_id", None)))
         self.adapters = AdapterCache(model, max_cpu_loras)
         self.virtual = VirtualTokens(model)  # soft prompts and prefixes of the loaded adapters (serve/virtual.py)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras, self._bind)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras)
+        self.runner = ModelRunner(model, self.eos_ids)
         self.steps = 0
         self.tokens_out = 0
         self.prompt_tokens = 0
@@ -99,12 +103,19 @@ class Engine:
         self.check_sampling(sampling)
         self.check_length(len(ids), sampling.max_tokens)
         seq = self._sequence(ids, sampling, adapter, 0)
-        if adapter is not None:  # unknown names and failed loads raise here, before the request is queued
-            seq.version = self.adapters.acquire(adapter, waiter=seq.id) or BASE_ADAPTER
-            seq.virtual = self.virtual.count(seq.version)  # 0 for the base and layer adapters
-            if seq.virtual:
-                self.check_length(seq.virtual + len(ids), sampling.max_tokens)
         seq.forks = [self._sequence(ids, sampling, adapter, choice) for choice in range(1, sampling.n)]
+        for fork in seq.forks:  # one prompt, one list of its logprobs
+            fork.prompt_logprobs = seq.prompt_logprobs
+        if adapter is None:
+            self.scheduler.bind(seq, BASE_ADAPTER)
+        else:  # unknown names and failed loads raise here, before the request is queued
+            version = self.adapters.acquire(adapter, waiter=seq.id)
+            if version is not None:
+                try:
+                    self._bind(seq, version)
+                except ContextLengthError:
+                    self._release(seq)
+                    raise
         self._arrivals.append(seq)
         self._wake.set()
         handle = RequestHandle(self, seq)
@@ -114,7 +125,7 @@ class Engine:
     def _sequence(self, ids: list[int], sampling: SamplingParams, adapter: str | None, choice: int) -> Sequence:
         seq = Sequence(ids, sampling, adapter, generator_for(sampling, choice), choice=choice)
         if sampling.prompt_logprobs is not None:
-            seq.prompt_logprobs = []
+            seq.prompt_logprobs = [None]  # the first prompt token has none
         return seq
 
     def check_tokens(self, ids: list[int], what: str = "Token id", param: str | None = None) -> None:
@@ -181,115 +192,86 @@ class Engine:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return [int(t) for t in prompt]
 
-    def _bind(self, seq: Sequence) -> bool:
-        """Bind a waiting request to its adapter's current version (False while that version loads)."""
-        try:
-            version = self.adapters.acquire(seq.adapter, waiter=seq.id)
-        except Exception as error:  # noqa: BLE001 - the loader's error ends this request only
-            seq.error_kind = "adapter"
-            self._fail(seq, str(error))
-            return False
-        if version is None:
-            return False
-        seq.version, seq.virtual = version, self.virtual.count(version)
-        if seq.virtual + len(seq.prompt_ids) + seq.params.max_tokens > self.max_model_len:
-            self._fail(seq, str(ContextLengthError(seq.virtual + len(seq.prompt_ids), seq.params.max_tokens,
-                                                   self.max_model_len)))
-            return False
-        return True
+    def _bind(self, seq: Sequence, version: str) -> None:
+        """`seq` and its waiting choices run with `version` (acquired once for `seq`; each choice holds it too).
+        Raises ContextLengthError if its adapter's slots leave no room (the version is still bound: release it)."""
+        for _ in seq.forks:
+            self.adapters.retain(version)
+        self.scheduler.bind(seq, version, self.virtual.count(version))  # slots: 0 for the base and layer adapters
+        if seq.adapter_slots:
+            self.check_length(seq.adapter_slots + len(seq.prompt_ids), seq.params.max_tokens)
+
+    def _bind_waiting(self) -> None:
+        """Bind every waiting request whose adapter is resident now; one whose adapter failed to load, or whose
+        adapter's slots do not fit, ends with the reason (that request only)."""
+        for seq in [s for s in self.scheduler.waiting if not s.bound]:
+            try:
+                version = self.adapters.acquire(seq.adapter, waiter=seq.id)
+                if version is not None:
+                    self._bind(seq, version)
+            except ContextLengthError as error:
+                self._fail(seq, str(error))
+            except Exception as error:  # noqa: BLE001 - the loader's error ends this request only
+                seq.error_kind = "adapter"
+                self._fail(seq, str(error))
 
     # -- the step loop ---------------------------------------------------------------------------
     def step(self) -> int:
-        """Schedule and run one forward; returns the number of sequences that ran."""
+        """Run one step (see the module's docstring); returns the number of sequences that ran."""
         with self._step_lock:
             self._take_inbox()
-            batch = self.scheduler.schedule()
-            if not batch:
+            self._bind_waiting()
+            plan = self.scheduler.schedule()
+            if not plan:
                 return 0
-            now, sampled = time.perf_counter(), 0
-            for item, rows in self._run(batch):
-                if rows is None:  # failed alone: its error is set, the others go on
-                    continue
-                seq = item.seq
-                seq.computed += item.count
-                self._record_prompt_logprobs(item, rows)
-                if item.samples:
-                    self._sample_into(seq, rows[-1], now)
-                    sampled += 1
-                    if seq.forks:
-                        sampled += self._start_forks(seq, rows[-1], now)
+            result = self._run(plan)
+            for seq, message in result.failed.items():
+                self._fail(seq, message)
+            now = time.perf_counter()
+            for seq, entries in result.prompt_logprobs.items():
+                for t, entry in entries:
+                    if t == len(seq.prompt_logprobs):
+                        seq.prompt_logprobs.append(entry)
+            grown = self.scheduler.update(plan, {s: t for s, t in result.sampled.items() if not s.finished})
+            for seq in grown:
+                self._emit(seq, result.logprobs.get(seq), now)
             self.steps += 1
-            self._recent.append((now, sampled))
+            self._recent.append((now, len(grown)))
             while self._recent and now - self._recent[0][0] > _RATE_WINDOW_S:
                 self._recent.popleft()
-            return len(batch)
+            return len(plan)
 
-    def _run(self, batch: list[Scheduled]) -> list[tuple[Scheduled, torch.Tensor | None]]:
-        """Each chunk with its rows of logits. If the step raises, its chunks run again one by one, so only the
-        one that caused it fails (its request gets the error); the others' cache writes are simply redone."""
+    def _run(self, plan: Plan) -> StepResult:
+        """The plan as one step. If it raises, its chunks run again one by one, so only the one that caused it fails
+        (its request gets the error); the others' cache writes are simply redone."""
         try:
-            logits, spans = self._forward(batch)
-            return [(item, logits[first:first + count]) for item, (first, count) in zip(batch, spans, strict=True)]
+            return self.runner.execute(build_step(plan, self.cache, self.virtual))
         except Exception as error:  # a bug or a bad input must not take the step's other requests with it
-            if len(batch) == 1:
-                _log.exception("engine step failed for request %d", batch[0].seq.id)
-                self._fail(batch[0].seq, f"internal error in the engine step: {type(error).__name__}: {error}")
-                return [(batch[0], None)]
-            _log.warning("engine step of %d requests failed (%s: %s); running them one by one", len(batch),
+            if len(plan) == 1:
+                seq = plan.scheduled[0].seq
+                _log.exception("engine step failed for request %d", seq.id)
+                return StepResult(failed={seq: f"internal error in the engine step: {type(error).__name__}: {error}"})
+            _log.warning("engine step of %d requests failed (%s: %s); running them one by one", len(plan),
                          type(error).__name__, error)
-            return [outcome for item in batch for outcome in self._run([item])]
+            result = StepResult()
+            for item in plan:
+                result.merge(self._run(Plan([item])))
+            return result
 
-    def _record_prompt_logprobs(self, item: Scheduled, rows: torch.Tensor) -> None:
-        """Prompt token t's logprob comes from the logits of the position before it (the first token has none)."""
-        seq = item.seq
-        if not wants_prompt_logprobs(item):
-            return
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)
-        logprobs = torch.log_softmax(rows.float(), dim=-1)
-        for row, position in enumerate(range(item.start, item.start + item.count)):
-            t = position + 1 - seq.virtual  # the prompt token this position predicts
-            if t == len(seq.prompt_logprobs) and t < len(seq.prompt_ids):
-                seq.prompt_logprobs.append(logprob_of(logprobs[row], seq.prompt_ids[t], seq.params.prompt_logprobs))
-
-    def _start_forks(self, seq: Sequence, logits: torch.Tensor, now: float) -> int:
-        """Choices 1..n-1 of `seq`'s request start from its prompt: its KV blocks shared (the last, partly filled
-        one copied), their first token sampled from the same logits with their own generator."""
-        started = 0
-        for fork in seq.forks:
-            blocks = self.cache.fork(seq.blocks, seq.computed)
-            if blocks is None:  # no block free for the copy: it computes its prompt itself, later
-                fork.version, fork.virtual = BASE_ADAPTER, 0
-                self.scheduler.waiting.appendleft(fork)
-                continue
-            fork.blocks, fork.computed, fork.virtual = blocks, seq.computed, seq.virtual
-            fork.version = seq.version
-            if fork.version != BASE_ADAPTER:
-                self.adapters.retain(fork.version)
-            fork.prompt_logprobs, fork.first_scheduled = seq.prompt_logprobs, seq.first_scheduled
-            self.scheduler.running.append(fork)
-            self._sample_into(fork, logits, now)
-            started += 1
-        seq.forks = []
-        return started
-
-    def _sample_into(self, seq: Sequence, logits: torch.Tensor, now: float) -> None:
-        """Sample `seq`'s next token and settle its text; a failure (its settings, its logits, decoding)
-        fails that request alone."""
+    def _emit(self, seq: Sequence, logprob, now: float) -> None:
+        """A new token of `seq`: its logprob, its settled text streamed, and the end if it ends here."""
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        seq.token_times.append(now)
+        self.tokens_out += 1
         try:
-            token, logprob = choose(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids,
-                                    self._stop_ids(seq))
-            if logprob is not None:
-                seq.logprobs.append(logprob)
-            self._append(seq, token, now)
-        except Exception as error:  # noqa: BLE001 - one request's sampling never takes the step down
-            _log.warning("sampling failed for request %d: %s", seq.id, error)
-            if not seq.finished:
-                self._fail(seq, f"sampling failed: {type(error).__name__}: {error}")
-
-    def _stop_ids(self, seq: Sequence) -> set[int]:
-        """What min_tokens holds back: EOS (unless ignored) and the request's stop token ids."""
-        return set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
+            reason, delta = settle(seq, seq.output_ids[-1], self.tokenizer, self.eos_ids)
+        except Exception as error:  # noqa: BLE001 - decoding one request's tokens never takes the step down
+            self._fail(seq, f"decoding failed: {type(error).__name__}: {error}")
+            return
+        seq.events.put((seq.output_ids[-1], delta))
+        if reason:
+            self._finish(seq, reason)
 
     def _fail(self, seq: Sequence, message: str) -> None:
         seq.error = message
@@ -300,53 +282,23 @@ class Engine:
             seq = self._arrivals.popleft()
             self.prompt_tokens += len(seq.prompt_ids)
             if not seq.finished:
-                self.scheduler.waiting.append(seq)
+                self.scheduler.add(seq)
         while self._aborts:
             seq = self._aborts.popleft()
             if not seq.finished:
                 self._finish(seq, "abort")
 
-    def _forward(self, batch: list[Scheduled]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """One forward over the packed step (packing.py): the logits of the positions it keeps, and each chunk's
-        rows among them."""
-        step = pack(batch, self.cache)
-        device = self.cache.k[0].device
-        virtual = self.virtual.plan(batch, self.cache.block_size, device)
-        step.plan.fixed = virtual.fixed
-        routing = Routing(step.names, per_token=True, virtual_placed=True)
-        inputs = {"input_ids": torch.tensor([step.ids], device=device)}
-        with torch.no_grad(), attention.step_plan(step.plan):
-            if virtual.embed_rows:  # soft prompts: their embeddings in their slots (under the step's routing)
-                with self.model.base_model.running(routing):
-                    embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
-                rows = torch.tensor(virtual.embed_rows, device=device)
-                inputs["inputs_embeds"] = embeds.index_copy(1, rows, torch.stack(virtual.embeds)[None].to(embeds.dtype))
-            out = self.model(**inputs, position_ids=torch.tensor([step.positions], device=device), use_cache=False,
-                             adapter_names=routing, logits_to_keep=torch.tensor(step.keep, dtype=torch.long, device=device))
-        return out.logits[0], step.spans
-
-    def _append(self, seq: Sequence, token: int, now: float) -> None:
-        seq.output_ids.append(token)
-        seq.token_times.append(now)
-        self.tokens_out += 1
-        reason, delta = settle(seq, token, self.tokenizer, self.eos_ids)
-        seq.events.put((token, delta))
-        if reason:
-            self._finish(seq, reason)
-
     def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        self.scheduler.finish(seq)
-        if seq.version != BASE_ADAPTER:
+        for ended in self.scheduler.finish(seq, reason):
+            self._release(ended)
+            ended.events.put(None)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give back what `seq` holds of the adapter cache: its version, or its place among a load's waiters."""
+        if seq.version not in (None, BASE_ADAPTER):
             self.adapters.release(seq.version)
-        elif seq.adapter is not None:  # ended while it waited for its adapter
+        elif seq.adapter is not None:
             self.adapters.forget(seq.adapter, seq.id)
-        seq.events.put(None)
-        for fork in seq.forks:  # choices that never started end as their prompt's sequence did
-            fork.error = fork.error or seq.error
-            fork.finish_reason = reason
-            fork.events.put(None)
-        seq.forks = []
 
     # -- background loop (servers) ---------------------------------------------------------------------
     @property
@@ -374,10 +326,11 @@ class Engine:
     def _fail_everything(self, message: str) -> None:
         """Every request still queued or running ends with `message`, so no client waits forever."""
         for seq in [*self._arrivals, *self.scheduler.waiting, *self.scheduler.running]:
-            if not seq.finished:
-                seq.error = message
-                seq.finish_reason = "error"
-                seq.events.put(None)
+            for one in (seq, *seq.forks):  # the scheduler may be what broke: no bookkeeping, just an end
+                if not one.finished:
+                    one.error = message
+                    one.finish_reason = "error"
+                    one.events.put(None)
 
     def stop(self) -> None:
         """Stop the background loop (requests still queued stay queued; `start()` resumes)."""

@@ -1,5 +1,12 @@
 """Requests and the continuous-batching scheduler: who runs in the next step, and how many tokens.
 
+The scheduler only plans and keeps the books: `schedule()` returns a `Plan` and changes nothing
+but queue membership and KV blocks; `update(plan, sampled)` applies what the step computed;
+`finish(seq, reason)` ends a request. Every change of a sequence's scheduling state goes through
+these three, so the scheduler is tested with no model at all (tests/serve/test_scheduler.py).
+Which adapter version a request runs with is an input: the engine binds a waiting sequence
+(`bind`) once its adapter is resident; an unbound one is passed over.
+
 Every step, under a token budget (`max_num_batched_tokens`):
 1. every running sequence that has all its tokens in the cache decodes one token — decodes
    go first, so a long prompt never stalls them;
@@ -8,11 +15,15 @@ Every step, under a token budget (`max_num_batched_tokens`):
    (`max_num_seqs`), budget, KV blocks for their first chunk, and room among the adapters of
    this step (`max_loras`). Admission is strictly FIFO: when the oldest waiting request does
    not fit, no later one jumps ahead — so a request for a rare adapter waits at most until the
-   running requests of other adapters finish (no starvation). Requests whose adapter is still
-   loading are passed over until it is resident.
+   running requests of other adapters finish (no starvation). Requests not bound yet (their
+   adapter is loading) are passed over until they are.
 When a running sequence needs a KV block and none is free, the newest running sequence is
 preempted: its blocks are freed and it goes back to the front of the queue to be recomputed
 (prompt + what it generated so far) — slower, never wrong.
+
+A request with `n` choices is one sequence that computes the prompt, holding the other choices
+as `forks`; when it samples its first token they start from its KV blocks (shared, the partly
+filled last one copied: kv_cache.fork), or, if no block is free for the copy, from the queue.
 """
 
 from __future__ import annotations
@@ -39,11 +50,11 @@ class Sequence:
     adapter: str | None  # the name asked for (None: the base model)
     generator: torch.Generator | None
     id: int = field(default_factory=lambda: next(_ids))
-    version: str = BASE_ADAPTER  # the adapter version it runs with, bound when it is admitted
+    version: str | None = None  # the adapter version it runs with (BASE_ADAPTER: none); None until bound
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     computed: int = 0  # tokens whose K/V are in the cache
-    virtual: int = 0  # leading slots of a virtual-token adapter (soft prompt / prefix), before the prompt
+    adapter_slots: int = 0  # leading positions its adapter fills (a soft prompt, a prefix), before the prompt
     blocks: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -62,13 +73,17 @@ class Sequence:
 
     @property
     def tokens(self) -> list[int]:
-        """What occupies the sequence's positions: its adapter's virtual slots (placeholder id 0; the engine
-        puts the soft prompt's embeddings or the prefix's keys and values there), the prompt, the output."""
-        return [0] * self.virtual + self.prompt_ids + self.output_ids
+        """What occupies the sequence's positions: its adapter's slots (placeholder id 0; the engine puts the
+        adapter's embeddings or keys and values there), the prompt, the output."""
+        return [0] * self.adapter_slots + self.prompt_ids + self.output_ids
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def bound(self) -> bool:
+        return self.version is not None
 
 
 @dataclass
@@ -83,18 +98,54 @@ class Scheduled:
         return self.start + self.count == len(self.seq.tokens)
 
 
+@dataclass
+class Plan:
+    """One step: the chunks to compute, decodes first; a sequence appears at most once."""
+
+    scheduled: list[Scheduled] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.scheduled)
+
+    def __iter__(self):
+        return iter(self.scheduled)
+
+
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int,
-                 bind_adapter):
+    def __init__(self, cache: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int):
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_loras = max_loras
-        self.bind_adapter = bind_adapter  # Sequence -> bool: bound to a resident version (False: still loading)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
-    def schedule(self) -> list[Scheduled]:
+    # -- requests in and out ---------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def bind(self, seq: Sequence, version: str, adapter_slots: int = 0) -> None:
+        """`seq` (and its choices waiting on it) runs with adapter `version`, resident now."""
+        for one in (seq, *seq.forks):
+            one.version, one.adapter_slots = version, adapter_slots
+
+    def finish(self, seq: Sequence, reason: str) -> list[Sequence]:
+        """End `seq` (and its choices that never started) with `reason`; frees its blocks. The sequences ended."""
+        ended = [seq, *seq.forks]
+        for one in ended:
+            one.finish_reason = reason
+            if one is not seq:
+                one.error = one.error or seq.error
+            self.cache.release(one.blocks)
+            if one in self.running:
+                self.running.remove(one)
+            if one in self.waiting:
+                self.waiting.remove(one)
+        seq.forks = []
+        return ended
+
+    # -- planning ------------------------------------------------------------------------------------
+    def schedule(self) -> Plan:
         budget, batch = self.max_num_batched_tokens, []
         reserved = sum(len(s.forks) for s in self.running)  # choices that join when their prompt is done
         for seq in list(self.running):  # 1 and 2: decodes first, then prefill chunks
@@ -113,15 +164,15 @@ class Scheduler:
                     budget -= count
         adapters = {s.version for s in self.running} - {BASE_ADAPTER}
         for seq in list(self.waiting):  # 3: admission, strictly in order
-            if budget <= 0 or len(self.running) + reserved + 1 + len(seq.forks) > max(self.max_num_seqs,
-                                                                                       1 + len(seq.forks)):
+            seats = len(self.running) + reserved + 1 + len(seq.forks)
+            if budget <= 0 or seats > max(self.max_num_seqs, 1 + len(seq.forks)):
                 break
-            if seq.version == BASE_ADAPTER and seq.adapter is not None and not self.bind_adapter(seq):
+            if not seq.bound:
                 continue  # its adapter is loading: the others go on
             if seq.version != BASE_ADAPTER and seq.version not in adapters and len(adapters) >= self.max_loras:
                 break
-            count = min(len(seq.tokens), budget)
-            if not self.cache.grow(seq.blocks, count):
+            count = min(len(seq.tokens) - seq.computed, budget)
+            if not self.cache.grow(seq.blocks, seq.computed + count):
                 break
             self.waiting.remove(seq)
             self.running.append(seq)
@@ -129,30 +180,60 @@ class Scheduler:
             adapters.add(seq.version)
             adapters.discard(BASE_ADAPTER)
             seq.first_scheduled = seq.first_scheduled or time.perf_counter()
-            batch.append(Scheduled(seq, 0, count))
+            batch.append(Scheduled(seq, seq.computed, count))
             budget -= count
-        return [s for s in batch if s.seq in self.running]  # a prefill chunk may have preempted a decode
+        return Plan([s for s in batch if s.seq in self.running])  # a prefill chunk may have preempted a decode
 
     def _make_room(self, seq: Sequence, tokens: int) -> bool:
         """Blocks for `tokens` tokens of `seq`, preempting the newest running sequences if needed;
         False if `seq` itself had to be preempted."""
         while not self.cache.grow(seq.blocks, tokens):
             victim = self.running[-1]
-            self.preempt(victim)
+            self._preempt(victim)
             if victim is seq:
                 return False
         return True
 
-    def preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self.cache.release(seq.blocks)
         seq.computed = 0
         seq.preemptions += 1
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def finish(self, seq: Sequence) -> None:
-        self.cache.release(seq.blocks)
-        if seq in self.running:
-            self.running.remove(seq)
-        if seq in self.waiting:
-            self.waiting.remove(seq)
+    # -- applying a step -------------------------------------------------------------------------------
+    def update(self, plan: Plan, sampled: dict[Sequence, int]) -> list[Sequence]:
+        """Apply one step: each chunk's tokens are in the cache now, each sequence that sampled gets its token,
+        and the choices waiting on a prompt start. `sampled` also holds the first token of each such choice
+        (sampled from its prompt's logits). Sequences that ended during the step (their chunk failed) are
+        skipped. Returns the sequences that got a token, in plan order."""
+        grown = []
+        for item in plan:
+            seq = item.seq
+            if seq.finished:
+                continue
+            seq.computed += item.count
+            if item.samples and seq in sampled:
+                seq.output_ids.append(sampled[seq])
+                grown.append(seq)
+                grown += self._start_forks(seq, sampled)
+        return grown
+
+    def _start_forks(self, seq: Sequence, sampled: dict[Sequence, int]) -> list[Sequence]:
+        """Choices 1..n-1 of `seq`'s request, from its prompt: its KV blocks shared (the last, partly filled one
+        copied), each with its own first token; one that gets no block for the copy computes its prompt later."""
+        started = []
+        for fork in seq.forks:
+            if fork not in sampled:
+                continue
+            fork.output_ids.append(sampled[fork])
+            fork.first_scheduled = seq.first_scheduled
+            blocks = self.cache.fork(seq.blocks, seq.computed)  # the prompt (seq's new token is not computed yet)
+            if blocks is None:
+                self.waiting.appendleft(fork)
+            else:
+                fork.blocks, fork.computed = blocks, seq.computed
+                self.running.append(fork)
+            started.append(fork)
+        seq.forks = [f for f in seq.forks if f not in sampled]
+        return started

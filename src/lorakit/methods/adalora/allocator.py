@@ -1,7 +1,7 @@
 """AdaLoRA's budget schedule and rank allocator (Zhang et al. 2023, §3; PEFT's `RankAllocator`).
 
 Called once per optimizer step, after the step and before gradients are cleared
-(`LoraModel.update_and_allocate`, run by the training job's callback):
+(`AdapterModel.update_and_allocate`, run by the training job's callback):
 
 - every parameter of the adapter gets an importance I = |w · ∂L/∂w|, smoothed
   Ī ← β1 Ī + (1 − β1) I, with uncertainty Ū ← β2 Ū + (1 − β2) |I − Ī|; score s = Ī · Ū;

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
+from lorakit.layer_shapes import linear_features
 from lorakit.methods import inner_module, no_weight_conversion
 from lorakit.methods.adalora.allocator import RankAllocator
 from lorakit.methods.adalora.config import AdaLoraConfig
 from lorakit.methods.adalora.layer import SVDLinear
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.targets import is_linear
 
 SUFFIXES = ("lora_A", "lora_B", "lora_E")

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.base_layers import linear_features
 from lorakit.errors import MergeError
+from lorakit.layer_shapes import linear_features
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.bank import AdapterWeights
-from lorakit.methods.base_layer import AdapterLayer
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "silu": F.silu, "tanh": torch.tanh}
 

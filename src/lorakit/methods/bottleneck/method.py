@@ -14,10 +14,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
+from lorakit.layer_shapes import linear_features
 from lorakit.methods import inner_module, no_weight_conversion
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.bottleneck.config import BottleneckConfig
 from lorakit.methods.bottleneck.layer import BottleneckLinear
 from lorakit.targets import is_linear

@@ -19,9 +19,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from lorakit.base_layers import linear_features
+from lorakit.layer_shapes import linear_features
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.bank import AdapterWeights
-from lorakit.methods.base_layer import AdapterLayer
 
 
 class IA3Linear(AdapterLayer):

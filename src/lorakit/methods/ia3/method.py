@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.methods import inner_module, layer_of, no_weight_conversion
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.ia3.config import DEFAULT_FEEDFORWARD, IA3Config
 from lorakit.methods.ia3.layer import IA3Linear
 from lorakit.targets import is_linear, matches
@@ -54,7 +54,7 @@ class IA3Method:
         layer.update_layer(name, config.init_ia3_weights, tensors["ia3_l"] if tensors is not None else None)
 
     def expected_tensors(self, module: nn.Module, config: IA3Config, module_name: str) -> dict[str, tuple[int, ...]]:
-        from lorakit.base_layers import linear_features
+        from lorakit.layer_shapes import linear_features
 
         in_features, out_features, _ = linear_features(inner_module(module))
         feedforward = self._feedforward(module, config, module_name)

@@ -27,7 +27,7 @@ import torch
 
 from lorakit.errors import AdapterNameError, ConfigError
 from lorakit.methods import layer_of
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.targets import named_candidates
 

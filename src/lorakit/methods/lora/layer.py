@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.base_layers import conv1d_type, linear_features
 from lorakit.errors import ConfigError
+from lorakit.layer_shapes import conv1d_type, linear_features
+from lorakit.methods.adapter_layer import AdapterLayer, is_quantized_weight
 from lorakit.methods.bank import AdapterWeights, SlotBank
-from lorakit.methods.base_layer import AdapterLayer, is_quantized_weight
 from lorakit.methods.lora.dora import DoraMerging, row_norm
 from lorakit.methods.lora.fused import LoraLinearFunction, log_fallback_once
 from lorakit.methods.lora.init import is_weight_init, weight_init_factors

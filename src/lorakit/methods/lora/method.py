@@ -15,10 +15,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from lorakit.base_layers import linear_features
 from lorakit.errors import ConfigError
+from lorakit.layer_shapes import linear_features
 from lorakit.methods import inner_module
-from lorakit.methods.base_layer import AdapterLayer
+from lorakit.methods.adapter_layer import AdapterLayer
 from lorakit.methods.lora.blend import add_weighted_adapter
 from lorakit.methods.lora.config import LoraConfig
 from lorakit.methods.lora.embedding import LoraEmbedding
