@@ -128,24 +128,73 @@ def test_routing_errors_name_the_mismatch():
         output_of(model, inputs, adapter_names=Routing(["a0"] * 5, per_token=True))
 
 
-def test_banks_follow_to_deepcopy_and_dtype_changes():
+def _banked_equals_reference(model, inputs, names, atol=ATOL):
+    banked = _run(model, inputs, Routing(names))
+    torch.testing.assert_close(banked, _run(model, inputs, Routing(names, reference=True)), atol=atol, rtol=0)
+    return banked
+
+
+def test_mixed_batches_stay_exact_when_parameters_get_new_storage_or_new_values():
+    """A training model's factors are plain Parameters; its bank rows are copies re-made when a parameter is no
+    longer the tensor or the version it was copied from. So nothing that gives parameters new storage — a deepcopy,
+    an in-place step, load_state_dict(assign=True), a dtype move — can leave the banked path reading old rows."""
     model, base = _model()
     names = ["a2", "a0", "a4", "a1"]
     inputs = inputs_for(base, batch=4, seq=2)
-    before = _run(model, inputs, Routing(names))
+    before = _banked_equals_reference(model, inputs, names)
     twin = copy.deepcopy(model)
-    layers = [m for m in twin.modules() if isinstance(m, LoraLinear)]
-    assert all(layer.bank.is_tied(layer._bank_params()) for layer in layers)
-    with torch.no_grad():  # a step on the copy's parameters shows in its banks, not in the original's
-        for layer in (layer for layer in layers if layer.holds("a0")):
-            for param in layer.factors("a0"):
-                param.mul_(2)
+    with torch.no_grad():  # a step on the copy's parameters: its banked path sees it, the original is untouched
+        for param in _factors(twin, "a0"):
+            param.mul_(2)
     torch.testing.assert_close(_run(model, inputs, Routing(names)), before, atol=0, rtol=0)
-    torch.testing.assert_close(_run(twin, inputs, Routing(names)), _run(twin, inputs, Routing(names, reference=True)),
-                               atol=ATOL, rtol=0)
+    stepped = _banked_equals_reference(twin, inputs, names)
+    assert not torch.allclose(stepped, before)
+    state = {k: v.clone() * (1.5 if ".a1." in k else 1.0) for k, v in twin.state_dict().items() if "lora_" in k}
+    twin.load_state_dict(state, strict=False, assign=True)  # the given tensors become the parameters
+    given = {v.data_ptr() for k, v in state.items() if ".a1." in k}
+    assert {p.data_ptr() for p in _factors(twin, "a1")} == given  # assign honoured: no copy into old storage
+    assigned = _banked_equals_reference(twin, inputs, names)
+    assert not torch.allclose(assigned, stepped)
     twin.to(torch.float64)
-    assert all(layer.bank.is_tied(layer._bank_params()) for layer in layers)
-    assert all(bucket.a.dtype == torch.float64 for layer in layers for bucket in layer.bank.buckets.values())
+    wide = _banked_equals_reference(twin, {k: v for k, v in inputs.items()}, names)
+    torch.testing.assert_close(wide.float(), assigned, atol=1e-4, rtol=0)
+    layers = [m for m in twin.modules() if isinstance(m, LoraLinear) and m.bank.buckets]
+    assert layers and all(b.a.dtype == torch.float64 for layer in layers for b in layer.bank.buckets.values())
+
+
+def test_mixed_batches_stay_exact_under_torch_compile():
+    model, base = _model(count=3)
+    names = ["a2", "a0", "__base__", "a1"]
+    inputs = inputs_for(base, batch=4, seq=3)
+    eager = _banked_equals_reference(model, inputs, names)
+    compiled = copy.deepcopy(model)
+    compiled.base_model.model = torch.compile(compiled.base_model.model, backend="eager")
+    torch.testing.assert_close(_run(compiled, inputs, Routing(names)), eager, atol=ATOL, rtol=0)
+    with torch.no_grad():
+        for param in _factors(compiled, "a2"):
+            param.mul_(2)  # an optimizer step's in-place write: Δ ×4
+    changed = _run(compiled, inputs, Routing(names))
+    torch.testing.assert_close(changed, _run(compiled, inputs, Routing(names, reference=True)), atol=ATOL, rtol=0)
+    assert not torch.allclose(changed[0], eager[0])
+
+
+def test_a_serving_model_keeps_lora_factors_in_its_banks_only_and_moves_them_with_it():
+    base = tiny_llama()
+    serving = lorakit.PeftModel.for_serving(copy.deepcopy(base), lorakit.LoraConfig(r=1, target_modules="all-linear"))
+    training = lorakit.get_peft_model(copy.deepcopy(base), _swap_config(2), adapter_name="s0")
+    training.add_adapter("s1", _swap_config(3))
+    for name in ("s0", "s1"):
+        serving.add_adapter(name, _swap_config(2 + int(name[1])))
+        with torch.no_grad():
+            for mine, theirs in zip(_factors(serving, name), _factors(training, name), strict=True):
+                mine.copy_(theirs)  # a bank row: written in place
+    assert not any("lora_" in n for n, _ in serving.named_parameters())  # one copy: the bank rows
+    names = ["s1", "__base__", "s0"]
+    inputs = inputs_for(base, batch=3, seq=2)
+    expected = _banked_equals_reference(training.eval(), inputs, names)
+    torch.testing.assert_close(_banked_equals_reference(serving, inputs, names), expected, atol=ATOL, rtol=0)
+    serving.to(torch.float64)
+    torch.testing.assert_close(_banked_equals_reference(serving, inputs, names).float(), expected, atol=1e-4, rtol=0)
 
 
 def test_a_bank_of_200_adapters_costs_their_weights_plus_little_slack():
@@ -164,8 +213,13 @@ def test_a_bank_of_200_adapters_costs_their_weights_plus_little_slack():
     assert adapter_bytes == expected  # exactly A and B of every adapter, nothing duplicated
     assert len(model.state_dict()) == len(base.state_dict()) + 2 * 200 * len(layers)
     assert sum(p.numel() * p.element_size() for p in model.parameters()) == base_bytes + adapter_bytes
-    bank_bytes = sum(layer.bank.bytes() for layer in layers)
-    assert adapter_bytes <= bank_bytes <= 1.10 * adapter_bytes  # the banks are the storage, ≤10% unused rows
+    serving = lorakit.PeftModel.for_serving(copy.deepcopy(base), lorakit.LoraConfig(r=1, target_modules=["q_proj",
+                                                                                                     "v_proj"]))
+    for i in range(200):
+        serving.add_adapter(f"t{i}", lorakit.LoraConfig(r=(1, 2, 4)[i % 3] if i else 1, target_modules=["q_proj",
+                                                                                                   "v_proj"]))
+    bank_bytes = sum(layer.bank.bytes() for layer in serving.base_model.adapter_layers())
+    assert adapter_bytes <= bank_bytes <= 1.10 * adapter_bytes  # a serving model's banks: the storage, ≤10% unused
 
     names = [f"t{i}" for i in range(200)]
     inputs = inputs_for(base, batch=200, seq=2)
@@ -253,18 +307,18 @@ def test_adapters_of_one_rank_in_two_dtypes_share_a_bucket_after_a_dtype_change(
     layer.update_layer("a", r=2, lora_alpha=2, init_lora_weights=False)
     layer.update_layer("b", r=2, lora_alpha=2, weights=(torch.randn(2, 8, dtype=torch.float64),
                                                         torch.randn(6, 2, dtype=torch.float64)))
-    assert len(layer.bank.buckets) == 2  # (2, fp32) and (2, fp64)
     x = torch.randn(2, 8)
     with torch.no_grad(), adapter_routing(Routing(["a", "b"])):
         banked = layer(x)
+    assert len(layer.bank.buckets) == 2  # (2, fp32) and (2, fp64)
     with torch.no_grad(), adapter_routing(Routing(["a", "b"], reference=True)):
         torch.testing.assert_close(banked, layer(x), atol=ATOL, rtol=0)
     layer.double()
-    assert len(layer.bank.buckets) == 1 and layer.bank.is_tied(layer._bank_params())
     x = torch.randn(3, 8, dtype=torch.float64)
     for routing in (Routing(["a", "b", "__base__"]), Routing(["a", "b", "__base__"], reference=True)):
         with torch.no_grad(), adapter_routing(routing):
             mixed = layer(x)
+        assert len(layer.bank.buckets) == 1
         for row, name in enumerate(["a", "b"]):
             layer.set_adapter([name], trainable=False)
             with torch.no_grad():

@@ -124,6 +124,7 @@ class AdapterSet:
         self.disabled = False  # PEFT's disable_adapter(): run the base model
         self.fast_path = True  # fused LoRA op and the loss without full logits, where they apply
         self.merged: set[str] = set()  # merged into the base weights through the model (tuner.merge)
+        self.serving = False  # adapters kept in the layers' slot banks only, for inference (PeftModel.for_serving)
         self.lock = ReadWriteLock()
 
     # A lock cannot be copied or pickled; a copied model gets a fresh one (and its own set).

@@ -59,8 +59,10 @@ class PeftModel(nn.Module):
         """A model with no adapter yet, for a server that loads them later: the modules `reserve` targets
         are wrapped now, so every later load within them is a tensor write, never module surgery. An adapter
         of another method (IA3, AdaLoRA, bottleneck) wraps its modules when it first loads — around what is
-        there (methods.layer_chain), between two engine steps."""
+        there (methods.layer_chain), between two engine steps. Its LoRA adapters are for inference: they
+        live in the layers' slot banks only (one copy; methods/bank.py), not as Parameters."""
         self = cls(model.eval(), None)
+        self.adapter_set.serving = True  # LoRA factors in slot banks only (methods/bank.py): one copy, no training
         self.reserve_targets(reserve)
         self.base_model.wrap_between_forwards = True
         return self

@@ -1,34 +1,34 @@
-"""Slot-indexed weight banks: where a layer's LoRA factors live, so adapters come and go as tensor writes.
+"""Slot-indexed weight banks: the copy of a layer's LoRA factors the mixed-batch path reads.
 
 Each adapted layer keeps, per rank bucket (r, dtype), two preallocated tensors
 
     A: (capacity, r, in)        B: (capacity, out, r)
 
-and each adapter occupies one row of its bucket (its *local* index). The PEFT-named
-parameters (the A and B factor of each adapter) are `nn.Parameter`s whose storage *is* that row,
-so `named_parameters()`, `state_dict()`, optimizers and Trainer see PEFT's names while a
-gradient step writes straight into the bank. Loading an adapter copies its tensors into a
-free row; deleting one frees the row. Neither adds nor removes a module (vLLM / S-LoRA keep
-adapters in slot-indexed stacks for the same reason: a live model must not be re-built).
+and each adapter occupies one row of its bucket. Adapters come and go as tensor writes into
+rows (`set_slot` / `reset_slot`, as vLLM's `set_lora` / `reset_lora`), never as modules added
+to a live model (vLLM / S-LoRA keep adapters in slot-indexed stacks for the same reason).
 
-Growth: a bucket starts with one row (a training run with one adapter holds exactly its
-weights) and grows by 1/16 (at least 4 rows), so a bank of n adapters holds at most
-max(4 rows, 6%) unused; loading N adapters copies each one ~16 times over its life, cheap
-next to reading its file (bench/mixed_batch.py: 200 adapters, 2.4% slack).
+Who owns the numbers:
+- a *serving* model (PeftModel.for_serving) keeps its adapters here only — one copy, written
+  once when an adapter loads;
+- a *training* model keeps plain `nn.Parameter`s, whose storage is their own: anything may give
+  them new storage (an optimizer step, `load_state_dict(assign=True)`, `.to()`, FSDP flattening,
+  `torch.compile`) and nothing breaks. Their rows here are a derived copy, written when a mixed
+  batch routes to them and re-written whenever a parameter is no longer the tensor, or the
+  version, it was copied from (`sync`: an identity and version check per routed adapter).
 
-Aliasing is the invariant: after anything that gives parameters new storage (`model.to()`,
-`.half()`, deepcopy, pickling) the layer calls `retie`, which rebuilds the banks from the
-parameters. The mixed-batch fast path (routing.py, lora/layer.py) reads the banks directly,
-under `torch.no_grad()` only — a bank carries no autograd history; training goes through the
-parameters.
+Growth: a bucket starts with one row and grows by 1/16 (at least 4 rows), so a bank of n
+adapters holds at most max(4 rows, 6%) unused (bench/mixed_batch.py: 200 adapters, 2.4% slack).
+The mixed-batch path (routing.py, lora/mixed.py) reads the banks under `torch.no_grad()` only — a
+bank carries no autograd history; training goes through the parameters.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class Bucket:
         return len(self.owner)
 
     def free_row(self) -> int:
-        """A free row; grows the bucket when full (callers re-point their parameters, see SlotBank.add)."""
+        """A free row; grows the bucket (a new tensor, rows copied) when full."""
         if None not in self.owner:
             self.resize(max(self.capacity + 4, math.ceil(self.capacity * 1.0625)))
         return self.owner.index(None)
@@ -102,29 +102,34 @@ class SlotBank:
         self.buckets: dict[Key, Bucket] = {}
         self.entries: dict[int, BankRow] = {}
         self.layout = Layout.of({})
+        self._copied_from: dict[int, tuple] = {}  # slot → (A, its version, B, its version) a row was copied from
 
-    def add(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool,
-            params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy (A, B) into a free row and return that row's views. `params`: the parameters
-        already aliasing this bank, by slot, re-pointed if the bucket has to grow."""
+    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool) -> None:
+        """Copy (A, B) into `slot`'s row (a free row of its bucket if it has none of that rank and dtype)."""
         key = (a.shape[0], a.dtype)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = Bucket(a.shape[0], self.in_features, self.out_features, a.dtype, a.device)
-        capacity = bucket.capacity
-        row = bucket.free_row()
-        if bucket.capacity != capacity:
-            self._repoint(key, params)
+        entry = self.entries.get(slot)
+        if entry is not None and entry.key != key:
+            self.reset_slot(slot)
+            entry = None
+        if entry is None:
+            bucket = self.buckets.get(key)
+            if bucket is None:
+                bucket = self.buckets[key] = Bucket(a.shape[0], self.in_features, self.out_features, a.dtype, a.device)
+            row = bucket.free_row()
+            bucket.owner[row] = slot
+        else:
+            bucket, row = self.buckets[key], entry.row
         with torch.no_grad():
             bucket.a[row].copy_(a)
             bucket.b[row].copy_(b)
-        bucket.owner[row] = slot
-        self.entries[slot] = BankRow(key, row, scaling, banked)
-        self.layout = Layout.of(self.entries)
-        return bucket.a[row], bucket.b[row]
+        if entry is None or entry.scaling != scaling or entry.banked != banked:
+            self.entries[slot] = BankRow(key, row, scaling, banked)
+            self.layout = Layout.of(self.entries)
+        self._copied_from.pop(slot, None)
 
-    def remove(self, slot: int) -> None:
+    def reset_slot(self, slot: int) -> None:
         entry = self.entries.pop(slot, None)
+        self._copied_from.pop(slot, None)
         if entry is not None:
             bucket = self.buckets[entry.key]
             bucket.owner[entry.row] = None
@@ -132,52 +137,38 @@ class SlotBank:
             bucket.b[entry.row].zero_()
             self.layout = Layout.of(self.entries)
 
-    def _repoint(self, key: Key, params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:
-        bucket = self.buckets[key]
-        for slot, entry in self.entries.items():
-            if entry.key == key:
-                param_a, param_b = params[slot]
-                param_a.data, param_b.data = bucket.a[entry.row], bucket.b[entry.row]
+    def row(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of `slot`: views of its row."""
+        entry = self.entries[slot]
+        bucket = self.buckets[entry.key]
+        return bucket.a[entry.row], bucket.b[entry.row]
 
-    def retie(self, params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> None:
-        """Rebuild every bucket from the parameters after they got new storage (same rows and capacity,
-        in the parameters' new dtype and device) and point them at it again."""
-        buckets, self.buckets = self.buckets, {}
-        for old_key, old in buckets.items():
-            slots = [slot for slot, entry in self.entries.items() if entry.key == old_key]
-            like = params[slots[0]][0] if slots else old.a
-            key = (old_key[0], like.dtype)
-            if key in self.buckets:  # two dtypes of one rank became one (e.g. `.double()`): re-add these rows
-                for slot in slots:
-                    param_a, param_b = params[slot]
-                    entry = self.entries.pop(slot)
-                    param_a.data, param_b.data = self.add(slot, param_a.data, param_b.data, entry.scaling, entry.banked,
-                                                          params)
-                continue
-            bucket = self.buckets[key] = Bucket(key[0], self.in_features, self.out_features, like.dtype, like.device,
-                                                old.capacity)
-            bucket.owner = list(old.owner)
-            for slot in slots:
-                entry = self.entries[slot] = replace(self.entries[slot], key=key)
-                param_a, param_b = params[slot]
-                with torch.no_grad():
-                    bucket.a[entry.row].copy_(param_a.data)
-                    bucket.b[entry.row].copy_(param_b.data)
-                param_a.data, param_b.data = bucket.a[entry.row], bucket.b[entry.row]
-        self.layout = Layout.of(self.entries)
+    def sync(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool) -> None:
+        """`slot`'s row as a copy of the parameters (A, B): re-written only if they are not the tensors, or not
+        at the versions, it was last copied from."""
+        copied = self._copied_from.get(slot)
+        if copied is not None and copied[0]() is a and copied[1] == a._version and copied[2]() is b \
+                and copied[3] == b._version and self.entries[slot].scaling == scaling:
+            return
+        self.set_slot(slot, a.detach(), b.detach(), scaling, banked)
+        self._copied_from[slot] = (weakref.ref(a), a._version, weakref.ref(b), b._version)
+
+    def convert(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Every row through `fn` (a module's `_apply`: `.to(dtype)`, `.to(device)`, `.half()`), rebucketed."""
+        rows = {slot: (*(fn(t) for t in self.row(slot)), e.scaling, e.banked) for slot, e in self.entries.items()}
+        self.clear()
+        for slot, (a, b, scaling, banked) in rows.items():
+            self.set_slot(slot, a, b, scaling, banked)
+
+    def __getstate__(self) -> dict:  # pickling or deepcopying: the copy re-syncs its rows from its own parameters
+        return {**self.__dict__, "_copied_from": {}}
+
+    def clear(self) -> None:
+        self.buckets, self.entries, self._copied_from = {}, {}, {}
+        self.layout = Layout.of({})
 
     def bytes(self) -> int:
         return sum(b.a.numel() * b.a.element_size() + b.b.numel() * b.b.element_size() for b in self.buckets.values())
-
-    def is_tied(self, params: dict[int, tuple[nn.Parameter, nn.Parameter]]) -> bool:
-        """Whether every parameter still aliases its bank row (cheap: a pointer compare per tensor)."""
-        for slot, entry in self.entries.items():
-            bucket = self.buckets[entry.key]
-            param_a, param_b = params[slot]
-            if param_a.data_ptr() != bucket.a[entry.row].data_ptr() or \
-                    param_b.data_ptr() != bucket.b[entry.row].data_ptr():
-                return False
-        return True
 
 
 class LinearView:
@@ -233,8 +224,9 @@ class AdapterWeights(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        # Copy in place (never `assign`): the parameters must keep aliasing their bank rows.
-        for key, param in self._parameters.items():
+        # nn.Module's own loader reads a '.' in a key as a submodule; this one reads the keys as they are.
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        for key, param in list(self._parameters.items()):
             full = prefix + key
             if full not in state_dict:
                 missing_keys.append(full)
@@ -244,8 +236,11 @@ class AdapterWeights(nn.Module):
                 error_msgs.append(f"size mismatch for {full}: copying a param with shape {tuple(value.shape)}, "
                                   f"the shape in current model is {tuple(param.shape)}.")
                 continue
-            with torch.no_grad():
-                param.copy_(value)
+            if assign:  # load_state_dict(assign=True): the given tensor becomes the parameter
+                self._parameters[key] = nn.Parameter(value, requires_grad=param.requires_grad)
+            else:
+                with torch.no_grad():
+                    param.copy_(value)
         if strict:
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in self._parameters)
 

@@ -6,7 +6,8 @@ class to inherit) applied to PEFT's layout (one folder per method). Files, the t
 method's folder owns its config class, its layers, its PEFT tensor names and shapes, its
 initialisation and its merge maths (the layers implement `AdapterLayer`'s hooks).
 
-A method is registered in `registry.py` by its PEFT type (adapter_config.json's `peft_type`).
+A method is registered in `table.py` by its PEFT type (adapter_config.json's `peft_type`), and names its
+section in the training job (`job_name`, `job_defaults`).
 
 Two shapes of method: `acts_on = "layers"` (LoRA, IA3, AdaLoRA, bottleneck adapters) wraps
 target modules; `acts_on = "inputs"` (prompt tuning, P-tuning, prefix tuning:
@@ -32,6 +33,8 @@ class AdapterMethod(Protocol):
     peft_type: str  # adapter_config.json's "peft_type", e.g. "LORA"
     config_class: type  # e.g. LoraConfig; its from_dict reads adapter_config.json
     param_marker: str  # in every adapter parameter's name (e.g. "lora_"), never in a base parameter's
+    job_name: str  # the training job's `method:` value and section name, e.g. "lora"
+    job_defaults: dict[str, Any]  # the job's defaults for that section (the keys given override them one by one)
 
     def prepare_config(self, model: nn.Module, config: Any) -> None:
         """Fill in what the model implies for this method's config (PEFT's per-model defaults)."""
@@ -74,7 +77,8 @@ class AdapterMethod(Protocol):
         """{module: what the adapter changes there, as one tensor} from a file's tensors — comparable across
         versions whatever the factorisation (`lorakit registry diff`)."""
 
-    # Optional (AdaLoRA has them; the tuner asks with getattr):
+    # Optional (the tuner and the job ask with getattr):
+    #   job_fields(fields, model, total_steps)                   fill what the job knows (AdaLoRA's total_step)
     #   loss_term(model, name, config) -> Tensor | None         added to every loss (PEFT's orth. regulariser)
     #   update_and_allocate(model, layers, name, config, step, state)   after each optimizer step
     #   resume_state(layers, name, config, state) -> (tensors, json)     what a checkpoint needs beyond parameters
@@ -86,6 +90,8 @@ class VirtualTokenMethod(Protocol):
     peft_type: str
     config_class: type
     param_marker: str
+    job_name: str
+    job_defaults: dict[str, Any]
     places: str  # "inputs" (embeddings) or "cache" (every layer's keys and values)
 
     def prepare_config(self, model: nn.Module, config: Any) -> None:

@@ -1,4 +1,8 @@
-"""The adapter methods lorakit knows, by PEFT type. Adding a method is one line here."""
+"""The one table of adapter methods: each method's spec (methods/protocol.py) — its PEFT type, its config
+class, its name and defaults in the training job — is read by the file format, the tuner, the job's schema
+(train/config.py), `method:` (train/methods.py) and the public API (lorakit/__init__.py). Adding a method is
+its folder plus one entry in `METHODS` (tests/methods/test_method_matrix.py then runs it through every case).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ from lorakit.methods.lora.method import LORA
 from lorakit.methods.protocol import AdapterMethod, VirtualTokenMethod
 from lorakit.methods.virtual_tokens.method import P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 
-METHODS: dict[str, AdapterMethod | VirtualTokenMethod] = {
+METHODS: dict[str, AdapterMethod | VirtualTokenMethod] = {  # by adapter_config.json's peft_type
     method.peft_type: method for method in (LORA, IA3, ADALORA, BOTTLENECK, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)}
+JOB_NAMES = tuple(method.job_name for method in METHODS.values())  # the job's `method:` values, "lora" first
 
 
 def method_for(peft_type: str) -> AdapterMethod:
@@ -22,6 +27,14 @@ def method_for(peft_type: str) -> AdapterMethod:
         return METHODS[peft_type]
     except KeyError:
         raise ConfigError(f"peft_type is {peft_type!r}; lorakit reads {sorted(METHODS)} adapters.") from None
+
+
+def job_method(job_name: str) -> AdapterMethod:
+    """The method a training job's `method:` names."""
+    found = next((m for m in METHODS.values() if m.job_name == job_name), None)
+    if found is None:
+        raise ConfigError(f"method: {job_name!r}; use one of {', '.join(JOB_NAMES)}.")
+    return found
 
 
 def method_of(config: Any) -> AdapterMethod:

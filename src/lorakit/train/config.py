@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from lorakit.base_models import DEFAULT_MODEL, is_builtin_model
 from lorakit.errors import ConfigError, DataError
 from lorakit.methods.lora.config import LoraConfig
+from lorakit.methods.table import METHODS
 from lorakit.optim import OPTIMIZERS
 from lorakit.train.config_errors import reject_bools_for_numbers, type_name, validated
 from lorakit.train.methods import DEFAULT_LORA, METHOD_NAMES, adapter_config, section_values
@@ -168,13 +169,14 @@ class JobConfig(Section):
                                           "adalora:, …) holds its config fields.")
     lora: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_LORA),
                                  description="LoraConfig fields; the keys given override the job's defaults.")
-    ia3: dict[str, Any] | None = Field(None, description="IA3Config fields (method: ia3).")
-    prompt_tuning: dict[str, Any] | None = Field(None, description="PromptTuningConfig fields (method: prompt_tuning).")
-    p_tuning: dict[str, Any] | None = Field(None, description="PromptEncoderConfig fields (method: p_tuning).")
-    prefix_tuning: dict[str, Any] | None = Field(None, description="PrefixTuningConfig fields (method: prefix_tuning).")
-    adalora: dict[str, Any] | None = Field(None, description="AdaLoraConfig fields (method: adalora); total_step "
-                                           "defaults to the run's optimizer steps.")
-    bottleneck: dict[str, Any] | None = Field(None, description="BottleneckConfig fields (method: bottleneck).")
+    # Every other method's section (ia3:, adalora:, …), one per entry of the method table (methods/table.py):
+    for _spec in METHODS.values():
+        if _spec.job_name != "lora":
+            __annotations__[_spec.job_name] = "dict[str, Any] | None"
+            vars()[_spec.job_name] = Field(None, description=f"{_spec.config_class.__name__} fields (method: "
+                                                             f"{_spec.job_name}); the keys given override the job's "
+                                                             "defaults for it.")
+    del _spec
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -4,9 +4,10 @@
     adalora: {target_r: 4}          # that method's config fields, over the job's defaults for it
 
 Each section takes the fields of the method's config class (PEFT's names); the keys given
-override the job's defaults one by one, as `lora:` always did. What the job fills in itself:
-AdaLoRA's `total_step` (the run's optimizer steps), and a TEXT-initialised soft prompt's
-tokenizer (the model's own). Why these defaults: docs/benchmarks.md, "which method when".
+override the job's defaults one by one, as `lora:` always did. The sections, their defaults and
+what the job fills in itself (AdaLoRA's `total_step`, a TEXT-initialised soft prompt's tokenizer)
+come from the method table (methods/table.py; each method's `job_name`, `job_defaults`,
+`job_fields`). Why these defaults: docs/benchmarks.md, "which method when".
 """
 
 from __future__ import annotations
@@ -15,44 +16,26 @@ import math
 from typing import Any
 
 from lorakit.errors import ConfigError
-from lorakit.methods.adalora.config import AdaLoraConfig
-from lorakit.methods.bottleneck.config import BottleneckConfig
-from lorakit.methods.ia3.config import IA3Config
-from lorakit.methods.lora.config import LoraConfig
-from lorakit.methods.p_tuning.config import PromptEncoderConfig
-from lorakit.methods.prefix_tuning.config import PrefixTuningConfig
-from lorakit.methods.prompt_tuning.config import PromptTuningConfig
+from lorakit.methods.table import JOB_NAMES, LORA, job_method
 
-DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
-# method → (config class, the job's defaults for its section)
-METHODS: dict[str, tuple[type, dict[str, Any]]] = {
-    "lora": (LoraConfig, DEFAULT_LORA),
-    "ia3": (IA3Config, {}),  # PEFT's per-model targets (Llama: k_proj, v_proj, down_proj)
-    # SAMPLE_VOCAB: real embeddings' scale (RANDOM draws N(0, 1), far above a trained embedding's)
-    "prompt_tuning": (PromptTuningConfig, {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"}),
-    "p_tuning": (PromptEncoderConfig, {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
-    "prefix_tuning": (PrefixTuningConfig, {"num_virtual_tokens": 20}),
-    "adalora": (AdaLoraConfig, {"init_r": 12, "target_r": 8, "lora_alpha": 32, "target_modules": "all-linear"}),
-    "bottleneck": (BottleneckConfig, {"architecture": "houlsby", "reduction_factor": 16}),
-}
-METHOD_NAMES = tuple(METHODS)
+DEFAULT_LORA: dict[str, Any] = LORA.job_defaults
+METHOD_NAMES = JOB_NAMES  # the method table's (methods/table.py): a new method appears here by itself
 
 
 def section_values(method: str, given: dict[str, Any] | None) -> dict[str, Any]:
     """The method's section: the job's defaults with the given keys over them."""
-    return {**METHODS[method][1], **(given or {})}
+    return {**job_method(method).job_defaults, **(given or {})}
 
 
 def adapter_config(method: str, section: dict[str, Any], model: str, total_steps: int | None) -> Any:
     """The method's config object from its section (errors prefixed with the section name)."""
-    cls, _ = METHODS[method]
+    spec = job_method(method)
     fields = {k: v for k, v in section.items() if k != "task_type"}
-    if method == "adalora" and fields.get("total_step") is None and total_steps is not None:
-        fields["total_step"] = total_steps
-    if method == "prompt_tuning" and fields.get("prompt_tuning_init") == "TEXT":
-        fields.setdefault("tokenizer_name_or_path", model)
+    fill = getattr(spec, "job_fields", None)  # what the job knows: AdaLoRA's total_step, a TEXT prompt's tokenizer
+    if fill is not None:
+        fill(fields, model, total_steps)
     try:
-        return cls(task_type="CAUSAL_LM", **fields)
+        return spec.config_class(task_type="CAUSAL_LM", **fields)
     except ConfigError as exc:
         raise ConfigError(f"{method}: {exc}") from None
 

@@ -31,9 +31,16 @@ class AdaLoraMethod:
     peft_type = "ADALORA"
     config_class = AdaLoraConfig
     param_marker = "lora_"
+    job_name = "adalora"
+    job_defaults = {"init_r": 12, "target_r": 8, "lora_alpha": 32, "target_modules": "all-linear"}
+
+    def job_fields(self, fields: dict, model: str, total_steps: int | None) -> None:
+        """The job's schedule: the rank budget reaches target_r by the run's last optimizer step."""
+        if fields.get("total_step") is None and total_steps is not None:
+            fields["total_step"] = total_steps
 
     def prepare_config(self, model: nn.Module, config: AdaLoraConfig) -> None:
-        """Nothing from the model; the training job fills in total_step."""
+        """Nothing from the model; the training job fills in total_step (`job_fields`)."""
 
     def check_targets(self, modules: dict[str, nn.Module], targets: list[str], config: AdaLoraConfig) -> None:
         other = [n for n in targets if not is_linear(inner_module(modules[n]))]

@@ -30,6 +30,8 @@ class BottleneckMethod:
     peft_type = "BOTTLENECK"
     config_class = BottleneckConfig
     param_marker = "adapter_"
+    job_name = "bottleneck"
+    job_defaults = {"architecture": "houlsby", "reduction_factor": 16}
 
     def prepare_config(self, model: nn.Module, config: BottleneckConfig) -> None:
         """Nothing: the placement is `config.default_targets` (by architecture and model type)."""

@@ -21,6 +21,8 @@ class IA3Method:
     peft_type = "IA3"
     config_class = IA3Config
     param_marker = "ia3_"
+    job_name = "ia3"
+    job_defaults: dict = {}  # PEFT's per-model targets (Llama: k_proj, v_proj, down_proj)
 
     def prepare_config(self, model: nn.Module, config: IA3Config) -> None:
         """PEFT's rule: without feedforward_modules, the model type's defaults (down_proj for Llama)."""

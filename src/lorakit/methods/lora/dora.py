@@ -17,20 +17,18 @@ it exactly (W = W'/(m/n) − ΔW).
 
 Embedding (PEFT's DoraEmbeddingLayer): the output features are the embedding dimensions, so
 n is the norm of each column of E + s·(BA)ᵀ, and y = (m/n) ⊙ (base(x) + s·Δ(x)).
+
+A variant is an object the layer asks per adapter (`layer.variants[name]`, PEFT's `LoraVariant`):
+how the adapter starts (its magnitude), runs and merges — no mixin, no method-resolution order.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-
-class DoraMagnitude(nn.Module):
-    """Holds m as `.weight`, so state-dict keys are PEFT's (`lora_magnitude_vector.<name>.weight`)."""
-
-    def __init__(self, magnitude: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(magnitude)
+from lorakit.quant import float_weight
 
 
 def row_norm(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -43,23 +41,63 @@ def per_output(factor: torch.Tensor, transposed: bool) -> torch.Tensor:
     return factor.view(1, -1) if transposed else factor.view(-1, 1)
 
 
-class DoraMerging:
-    """`merged_weight` / `unmerged_weight` for a layer that may hold DoRA adapters (a mixin,
-    listed before AdapterLayer). The layer provides `lora_magnitude_vector`, `dora_norms`,
-    `delta_weight(name)` and `weight_transposed` (True when its weight is stored (in, out):
-    GPT-2's Conv1D, and an embedding, whose output features are its columns)."""
+class DoraVariant:
+    """What DoRA changes for one adapter of a LoRA layer (linear: `DORA_LINEAR`; embedding: `DORA_EMBEDDING`).
+    The layer provides `lora_magnitude_vector`, `dora_norms`, `factors`, `scaling`, `delta_weight` and
+    `weight_transposed` (its weight stored (in, out): GPT-2's Conv1D, and an embedding's columns)."""
 
-    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().merged_weight(name, weight)
-        combined = weight + self.delta_weight(name).to(weight.dtype)
-        norm = row_norm(combined.float(), self.weight_transposed)
-        self.dora_norms[name] = norm
-        factor = self.lora_magnitude_vector[name].weight.detach() / norm
-        return (combined * per_output(factor, self.weight_transposed)).to(weight.dtype)
+    banked = False  # the mixed-batch bank path runs plain LoRA rows only; a DoRA row takes the plain path
 
-    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if name not in self.lora_magnitude_vector:
-            return super().unmerged_weight(name, weight)
-        factor = self.lora_magnitude_vector[name].weight.detach() / self.dora_norms.pop(name)
-        return (weight / per_output(factor, self.weight_transposed) - self.delta_weight(name)).to(weight.dtype)
+    def init(self, layer, name: str, magnitude: torch.Tensor | None) -> None:
+        """m: the file's, or ‖W + s·BA‖ (so the adapter starts as the base)."""
+        magnitude = self.norm(layer, name) if magnitude is None else magnitude
+        layer.lora_magnitude_vector.set(name, nn.Parameter(magnitude.detach().to(layer._base_device())))
+
+    def norm(self, layer, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W + s·BA‖ per output feature, without gradient (`weight`: W as (out, in), if at hand)."""
+        with torch.no_grad():
+            weight = layer.base_weight_out_in() if weight is None else weight
+            lora_a, lora_b = layer.factors(name)
+            return row_norm(weight + layer.scaling[name] * (lora_b @ lora_a), transposed=False)
+
+    def forward(self, layer, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        """(m/n − 1) ⊙ x Wᵀ + (m/n) ⊙ s·B(A(x_d)), n detached (PEFT's DoRA forward)."""
+        scaling, lora_a, lora_b = layer.scaling[name], *layer.factors(name)
+        weight = layer.base_weight_out_in()  # dequantized once per forward, for the norm and the base term
+        scale = layer.lora_magnitude_vector.param(name) / self.norm(layer, name, weight).to(x.dtype)
+        if result is None or (layer.training and layer.lora_dropout[name] > 0):
+            x = layer._dropout(name, x)
+            base = F.linear(x, weight.to(x.dtype))
+        else:
+            bias = layer.base_layer.bias
+            base = result if bias is None else result - bias
+        lora = F.linear(F.linear(x, lora_a), lora_b)
+        return (scale - 1) * base + scale * lora * scaling
+
+    def merged_weight(self, layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W ← (m/n)·(W + ΔW), n = ‖W + ΔW‖ kept for unmerge."""
+        combined = weight + layer.delta_weight(name).to(weight.dtype)
+        norm = row_norm(combined.float(), layer.weight_transposed)
+        layer.dora_norms[name] = norm
+        factor = layer.lora_magnitude_vector.param(name).detach() / norm
+        return (combined * per_output(factor, layer.weight_transposed)).to(weight.dtype)
+
+    def unmerged_weight(self, layer, name: str, weight: torch.Tensor) -> torch.Tensor:
+        factor = layer.lora_magnitude_vector.param(name).detach() / layer.dora_norms.pop(name)
+        return (weight / per_output(factor, layer.weight_transposed) - layer.delta_weight(name)).to(weight.dtype)
+
+
+class DoraEmbeddingVariant(DoraVariant):
+    """An embedding's output features are its columns: n = ‖column of E + ΔW‖, y = (m/n) ⊙ (base + Δ)."""
+
+    def norm(self, layer, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return row_norm(float_weight(layer.base_layer) + layer.delta_weight(name).float(), transposed=True)
+
+    def forward(self, layer, name: str, x: torch.Tensor, result: torch.Tensor | None) -> torch.Tensor:
+        scale = layer.lora_magnitude_vector.param(name) / self.norm(layer, name)
+        return (scale - 1) * result + scale * layer.embedding_delta(x, name)
+
+
+DORA_LINEAR = DoraVariant()
+DORA_EMBEDDING = DoraEmbeddingVariant()

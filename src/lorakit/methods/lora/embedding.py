@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.methods.bank import AdapterWeights
-from lorakit.methods.lora.dora import row_norm
+from lorakit.methods.lora.dora import DORA_EMBEDDING
 from lorakit.methods.lora.layer import LoraLayer
-from lorakit.quant import float_weight
 
 
 class LoraEmbedding(LoraLayer):
@@ -49,18 +48,11 @@ class LoraEmbedding(LoraLayer):
                 a.zero_()
         self._store(name, r, lora_alpha, use_rslora, a, b, banked=False)
         if use_dora:
-            magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
-            self.lora_magnitude_vector.set(name, nn.Parameter(magnitude.detach().to(device)))
-
-    def dora_norm(self, name: str) -> torch.Tensor:
-        """‖column of E + ΔW‖ per embedding dimension, without gradient."""
-        with torch.no_grad():
-            return row_norm(float_weight(self.base_layer) + self.delta_weight(name).float(), transposed=True)
+            self._add_variant(name, DORA_EMBEDDING, weights)
 
     def adapter_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
-        if name in self.lora_magnitude_vector:  # y = (m/n) ⊙ (result + Δ(x)), n detached (PEFT)
-            scale = self.lora_magnitude_vector.param(name) / self.dora_norm(name)
-            return (scale - 1) * result + scale * self.embedding_delta(x, name)
+        if name in self.variants:
+            return self.variants[name].forward(self, name, x, result)
         return self.embedding_delta(x, name)
 
     def embedding_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ from lorakit.errors import ConfigError
 from lorakit.layer_shapes import conv1d_type, linear_features
 from lorakit.methods.adapter_layer import AdapterLayer, is_quantized_weight
 from lorakit.methods.bank import AdapterWeights, SlotBank
-from lorakit.methods.lora.dora import DoraMerging, row_norm
+from lorakit.methods.lora.dora import DORA_LINEAR
 from lorakit.methods.lora.fused import LoraLinearFunction, log_fallback_once
 from lorakit.methods.lora.init import is_weight_init, weight_init_factors
 from lorakit.methods.lora.mixed import banked_delta
@@ -38,9 +38,10 @@ from lorakit.quant import float_weight, keep_training_layout, requantize_like
 from lorakit.routing import Routing
 
 
-class LoraLayer(DoraMerging, AdapterLayer):
+class LoraLayer(AdapterLayer):
     """What LoRA's layers share: per adapter a rank r, α and the scaling s = α/r (α/√r with rsLoRA),
-    and the factors A (r, in), B (out, r) as views of this layer's slot bank (methods/bank.py)."""
+    and the factors A (r, in), B (out, r): plain Parameters on a training model, rows of this layer's
+    slot bank on a serving model (methods/bank.py, which also says how the two stay apart)."""
 
     peft_type = "LORA"
 
@@ -52,7 +53,9 @@ class LoraLayer(DoraMerging, AdapterLayer):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}  # p per adapter (PEFT holds nn.Dropout modules; same RNG use)
         self.slots: dict[str, int] = {}  # each adapter's slot in `bank` (the adapter set's number for it)
+        self.banked: dict[str, bool] = {}  # whether the banked path runs it (not DoRA)
         self.bank = SlotBank(in_features, out_features)
+        self.variants: dict[str, object] = {}  # adapter → its LoRA variant (dora.py), for those that have one
         self.lora_magnitude_vector = AdapterWeights()  # DoRA adapters only (dora.py)
         self.dora_norms: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ of each merged DoRA adapter, for unmerge
         self.factor_names = (f"lora{suffix}_A", f"lora{suffix}_B")  # PEFT's: lora_A / lora_embedding_A, …
@@ -64,45 +67,59 @@ class LoraLayer(DoraMerging, AdapterLayer):
     def holds(self, name: str) -> bool:
         return name in self.r
 
-    def factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
-        """(A, B) of adapter `name`: A is (r, in) and B is (out, r) for every LoRA layer kind."""
-        return tuple(getattr(self, attr).param(name) for attr in self.factor_names)
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of adapter `name`: A is (r, in) and B is (out, r) for every LoRA layer kind — its Parameters,
+        or its bank row on a serving model."""
+        a_container = getattr(self, self.factor_names[0])
+        if name in a_container:
+            return a_container.param(name), getattr(self, self.factor_names[1]).param(name)
+        return self.bank.row(self.slots[name])
 
     def adapter_containers(self) -> tuple[AdapterWeights, ...]:
         return (*(getattr(self, attr) for attr in self.factor_names), self.lora_magnitude_vector)
 
     def _store(self, name: str, r: int, lora_alpha: float, use_rslora: bool, a: torch.Tensor, b: torch.Tensor,
                banked: bool) -> None:
-        """Record the scalars and write (A, B) into a bank row; the PEFT-named parameters alias that row."""
+        """Record the scalars and keep (A, B): as PEFT-named Parameters (training), or in a bank row (serving)."""
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        slot = self.adapter_set.slot(name)
-        row_a, row_b = self.bank.add(slot, a, b, self.scaling[name], banked, self._bank_params())
-        self.slots[name] = slot
-        for attr, row in zip(self.factor_names, (row_a, row_b), strict=True):
-            getattr(self, attr).set(name, nn.Parameter(row))
-
-    def _bank_params(self) -> dict[int, tuple[nn.Parameter, nn.Parameter]]:
-        return {slot: self.factors(name) for name, slot in self.slots.items() if name in self.r}
+        self.slots[name] = slot = self.adapter_set.slot(name)
+        self.banked[name] = banked
+        if self.adapter_set.serving:
+            self.bank.set_slot(slot, a, b, self.scaling[name], banked)
+            return
+        for attr, factor in zip(self.factor_names, (a, b), strict=True):
+            getattr(self, attr).set(name, nn.Parameter(factor))
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         if name in self.slots:
-            self.bank.remove(self.slots.pop(name))
-        for table in (self.r, self.lora_alpha, self.scaling):
+            self.bank.reset_slot(self.slots.pop(name))
+        for table in (self.r, self.lora_alpha, self.scaling, self.banked, self.variants):
             table.pop(name, None)
 
-    # Anything that gives the parameters new storage (`.to()`, `.half()`, a deepcopy or unpickling)
-    # must leave them aliasing the bank again.
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.bank.retie(self._bank_params())
-        return self
+    def _add_variant(self, name: str, variant, weights: tuple[torch.Tensor, ...] | None) -> None:
+        self.variants[name] = variant
+        variant.init(self, name, weights[2] if weights is not None and len(weights) > 2 else None)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.bank.retie(self._bank_params())
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.variants.get(name)
+        return super().merged_weight(name, weight) if variant is None else variant.merged_weight(self, name, weight)
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        variant = self.variants.get(name)
+        return super().unmerged_weight(name, weight) if variant is None else variant.unmerged_weight(self, name, weight)
+
+    def _apply(self, fn, recurse: bool = True):
+        """`.to()`, `.half()`, …: a serving model's bank rows move with the module; a training model's bank is
+        a derived copy, re-made from the parameters when next needed."""
+        super()._apply(fn, recurse)
+        if self.adapter_set.serving:
+            self.bank.convert(fn)
+        else:
+            self.bank.clear()
+        return self
 
     def _dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout.get(name, 0.0)
@@ -146,8 +163,8 @@ class LoraLinear(LoraLayer):
         scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         if is_weight_init(init_lora_weights):  # also for a loaded adapter: the base must hold the residual
             initial = self.take_out_of_base(name, init_lora_weights, r, scaling)
-            if weights is None:
-                a, b = initial[0].to(a.dtype), initial[1].to(b.dtype)
+            if weights is None:  # a copy: the adapter trains, its initial part (A0, B0) must not move with it
+                a, b = initial[0].to(a.dtype, copy=True), initial[1].to(b.dtype, copy=True)
         elif weights is None and init_lora_weights is not False:  # False keeps nn.Linear's random init: B ≠ 0
             if init_lora_weights == "gaussian":
                 nn.init.normal_(a, std=1 / r)
@@ -158,14 +175,13 @@ class LoraLinear(LoraLayer):
         if use_dora and self.base_is_4bit:
             keep_training_layout(self.base_layer)  # DoRA dequantizes W every forward (quant.py)
         if use_dora:
-            magnitude = weights[2] if weights is not None and len(weights) > 2 else self.dora_norm(name)
-            self.lora_magnitude_vector.set(name, nn.Parameter(magnitude.detach().to(device)))
+            self._add_variant(name, DORA_LINEAR, weights)
 
     def adapter_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None = None) -> torch.Tensor:
         lora_a, lora_b = self.factors(name)
         x = x.to(lora_a.dtype)  # a bf16/int8 base may hand us other dtypes
-        if name in self.lora_magnitude_vector:
-            return self.dora_output(x, name, result)
+        if name in self.variants:
+            return self.variants[name].forward(self, name, x, result)
         return F.linear(F.linear(self._dropout(name, x), lora_a), lora_b) * self.scaling[name]
 
     # -- PiSSA / OLoRA (init.py) ------------------------------------------------------------------
@@ -210,33 +226,10 @@ class LoraLinear(LoraLayer):
             self.restore_base([name])
         super().delete_adapter(name)
 
-    # -- DoRA (dora.py) ------------------------------------------------------------------------
     def base_weight_out_in(self) -> torch.Tensor:
         """The base weight as float (out, in), dequantized if needed."""
         weight = float_weight(self.base_layer)
         return weight.t() if self.weight_transposed else weight
-
-    def dora_norm(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """‖W + s·BA‖ per output feature, without gradient (`weight`: W as (out, in), if at hand)."""
-        with torch.no_grad():
-            weight = self.base_weight_out_in() if weight is None else weight
-            lora_a, lora_b = self.factors(name)
-            lora = lora_b @ lora_a
-            return row_norm(weight + self.scaling[name] * lora, transposed=False)
-
-    def dora_output(self, x: torch.Tensor, name: str, result: torch.Tensor | None) -> torch.Tensor:
-        """(m/n − 1) ⊙ x Wᵀ + (m/n) ⊙ s·B(A(x_d)), n detached (PEFT's DoRA forward)."""
-        scaling, lora_a, lora_b = self.scaling[name], *self.factors(name)
-        weight = self.base_weight_out_in()  # dequantized once per forward, for the norm and the base term
-        scale = self.lora_magnitude_vector.param(name) / self.dora_norm(name, weight).to(x.dtype)
-        if result is None or (self.training and self.lora_dropout[name] > 0):
-            x = self._dropout(name, x)
-            base = F.linear(x, weight.to(x.dtype))
-        else:
-            bias = self.base_layer.bias
-            base = result if bias is None else result - bias
-        lora = F.linear(F.linear(x, lora_a), lora_b)
-        return (scale - 1) * base + scale * lora * scaling
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """One `LoraLinearFunction` (lora_fn.py) for the common case: a single unmerged active
@@ -245,7 +238,7 @@ class LoraLinear(LoraLayer):
         if len(names) != 1 or self.merged_adapters or not self.fusable_base:
             return None
         name = names[0]
-        if name in self.lora_magnitude_vector:
+        if name in self.variants:
             return None
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_a, lora_b = self.factors(name)
@@ -266,5 +259,9 @@ class LoraLinear(LoraLayer):
     def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> list[str]:
         """Every non-DoRA routed adapter in one bmm pair per rank bucket, from the bank (mixed.py)."""
         adapter_set = self.adapter_set
+        if not adapter_set.serving:  # a training model's rows: copies of its parameters, re-made if they changed
+            for name in routing.adapters():
+                if name in self.r:
+                    self.bank.sync(self.slots[name], *self.factors(name), self.scaling[name], self.banked[name])
         slots = routing.cached(("slots", id(adapter_set)), lambda: [adapter_set.slots.get(n, -1) for n in routing.names])
         return banked_delta(self.bank, x, out, routing, slots, tokens_per_entry)

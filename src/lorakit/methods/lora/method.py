@@ -33,6 +33,8 @@ class LoraMethod:
     peft_type = "LORA"
     config_class = LoraConfig
     param_marker = "lora_"
+    job_name = "lora"  # the training job's `method:` and section
+    job_defaults = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
     def prepare_config(self, model: nn.Module, config: LoraConfig) -> None:
         """Nothing to fill in: LoRA's model-type defaults are `LoraConfig.default_targets`."""

@@ -36,9 +36,15 @@ class VirtualTokenMethod:
     param_marker = "prompt_encoder."
 
     def __init__(self, config_class: type, places: str, new_encoder: Callable[[nn.Module, Any], nn.Module],
-                 reparameterised: Callable[[Any], bool]):
+                 reparameterised: Callable[[Any], bool], job_name: str, job_defaults: dict):
         self.config_class, self.peft_type, self.places = config_class, config_class.peft_type, places
         self._new_encoder, self._reparameterised = new_encoder, reparameterised
+        self.job_name, self.job_defaults = job_name, job_defaults  # the training job's `method:` and its defaults
+
+    def job_fields(self, fields: dict, model: str, total_steps: int | None) -> None:
+        """A soft prompt initialised from TEXT reads it with the model's own tokenizer."""
+        if fields.get("prompt_tuning_init") == "TEXT":
+            fields.setdefault("tokenizer_name_or_path", model)
 
     def prepare_config(self, model: nn.Module, config: Any) -> None:
         config.prepare(model)
@@ -90,9 +96,12 @@ def _device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-PROMPT_TUNING = VirtualTokenMethod(PromptTuningConfig, "inputs", _prompt, lambda config: False)
+# SAMPLE_VOCAB: real embeddings' scale (RANDOM draws N(0, 1), far above a trained embedding's)
+PROMPT_TUNING = VirtualTokenMethod(PromptTuningConfig, "inputs", _prompt, lambda config: False, "prompt_tuning",
+                                   {"num_virtual_tokens": 20, "prompt_tuning_init": "SAMPLE_VOCAB"})
 P_TUNING = VirtualTokenMethod(PromptEncoderConfig, "inputs",
-                              lambda model, config: PromptEncoder(config, _device(model)), lambda config: True)
+                              lambda model, config: PromptEncoder(config, _device(model)), lambda config: True,
+                              "p_tuning", {"num_virtual_tokens": 20, "encoder_hidden_size": 128})
 PREFIX_TUNING = VirtualTokenMethod(PrefixTuningConfig, "cache",
                                    lambda model, config: PrefixEncoder(config, _device(model)),
-                                   lambda config: config.prefix_projection)
+                                   lambda config: config.prefix_projection, "prefix_tuning", {"num_virtual_tokens": 20})
