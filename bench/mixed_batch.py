@@ -79,11 +79,13 @@ def scenario(base, ours, theirs, rows: int, prompt: int, new: int, count: int, r
 
 
 def bank_memory(base, count: int = 200) -> dict:
-    """Bytes of the banks holding `count` adapters vs the bytes of their own A and B."""
-    model = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**adapters(1)[0][1]), adapter_name="a0")
-    for name, config in adapters(count)[1:]:
+    """Bytes of a serving model's banks holding `count` adapters vs the bytes of their own A and B."""
+    model = lorakit.PeftModel.for_serving(copy.deepcopy(base), lorakit.LoraConfig(r=1, target_modules="all-linear"))
+    own = 0
+    for name, config in adapters(count):
         model.add_adapter(name, lorakit.LoraConfig(**config))
-    own = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" in n)
+        own += sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for m in model.modules() if isinstance(m, AdapterLayer) and name in m.r for a, b in [m.factors(name)])
     banks = sum(m.bank.bytes() for m in model.modules() if isinstance(m, AdapterLayer))
     return {"adapters": count, "own_mb": round(own / 2**20, 1), "bank_mb": round(banks / 2**20, 1)}
 

@@ -23,7 +23,11 @@ FACTS = [
 ]
 
 
-def build_chat_model(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
+def build_chat_model(directory: Path, seed: int = 0, hidden: int = 32, corpus: tuple[str, ...] = (),
+                     positions: int = 256, vocab: int = 400, init_range: float = 0.02) -> Path:
+    """`corpus`: more text for the tokenizer to learn merges from (a longer task reads in fewer tokens);
+    `init_range`: the weights' scale (transformers' 0.02 keeps a tiny random model's logits too flat to learn
+    a long answer to a low loss: the final norm and lm_head are frozen under LoRA)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -31,15 +35,15 @@ def build_chat_model(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = [f"user assistant {q} {a}" for q, a in FACTS] * 4 + ["the a of is what who how many which"]
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+    corpus = [f"user assistant {q} {a}" for q, a in FACTS] * 4 + ["the a of is what who how many which", *corpus]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         bos_token=None, unk_token=None)
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions, initializer_range=init_range,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -119,3 +123,33 @@ def peft_answer(base, folder: Path | None, tokenizer, max_new_tokens: int = 6) -
         out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                     do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# A Hermes-style template that renders tools itself (Qwen's and Hermes' layout, shortened): tools listed in
+# the system turn, calls as <tool_call> blocks, tool results as <tool_response> — the "hermes" format.
+TOOL_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\n' }}{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\n' }}{% endif %}{{ '<tools>' }}{% for tool in tools %}{{ tool | tojson }}"
+    "{% endfor %}{{ '</tools><|im_end|>\n' }}{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and tools %}"
+    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}{{ '<|im_start|>assistant\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>\n' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string", "maxLength": 8}},
+                                                           "required": ["city"]}}}
+ADD = {"type": "function", "function": {"name": "add", "description": "a + b.",
+                                        "parameters": {"type": "object",
+                                                       "properties": {"a": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99},
+                                                                      "b": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 99}},
+                                                       "required": ["a", "b"]}}}

@@ -27,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parent
 # layer → the modules and packages in it (a package: every module under it)
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "version", "filemode", "quiet", "routing", "adapters", "layer_shapes", "compile", "fused_loss",
+              "tool_calls",
               "optim", "plan", "quant", "layering")),
     ("methods", ("methods", "targets")),
     ("files", ("files",)),

@@ -210,7 +210,7 @@ def test_chat_template_options_and_continuous_usage(server, files):
     ({"prompt": [[5, 100000]]}, "prompt", "outside this model's vocabulary"),
     ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
     ({"prompt": "hi", "mirostat": 1}, "mirostat", "Neither OpenAI nor vLLM"),
-    ({"prompt": "hi", "guided_json": {}}, "guided_json", "does not implement"),
+    ({"prompt": "hi", "structural_tag": "{}"}, "structural_tag", "does not implement"),
     ({"prompt": "hi", "use_beam_search": True}, "use_beam_search", "no beam search"),
     ({"prompt": "hi", "logprobs": 21}, "logprobs", "less than or equal to 20"),
     ({"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias", "outside"),
@@ -229,9 +229,11 @@ def test_invalid_requests_get_a_400_that_names_the_field(server, body, param, sa
 
 
 def test_chat_400s_and_a_malformed_body_says_where(server):
-    for body, param in [({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    named = {"type": "function", "function": {"name": "g"}}
+    for body, param in [({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": named},
+                         "tool_choice"),
                         ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
-                        ({"response_format": {"type": "json_object"}}, "response_format")]:
+                        ({"response_format": {"type": "json_schema"}}, "response_format")]:
         reply = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "alpha", "messages": QUESTION, **body})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param
     cut = b'{"model": "alpha", "messages": ['

@@ -187,7 +187,7 @@ def interrupt_when(config: Path, ready) -> subprocess.CompletedProcess:
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=180)  # a loaded CI machine finishes the step and the save first
     finally:
         proc.kill()
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

@@ -23,9 +23,12 @@ from lorakit.http import responses as out
 from lorakit.http.errors import ApiError
 from lorakit.http.openai_protocol import ChatCompletionRequest, CompletionRequest
 from lorakit.http.prompts import Prompt
+from lorakit.http.tool_replies import ToolStream, message_of
 from lorakit.routing import BASE_ADAPTER
 from lorakit.serve.engine import RequestHandle, RequestOutput
 from lorakit.serve.sampling import SamplingParams
+from lorakit.serve.structured import StructuredOutput
+from lorakit.tool_calls import call_grammar, template_format
 
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection": counted, never sent
 
@@ -88,9 +91,12 @@ class Generation:
         self.choices: list[Choice] = []
         self.best_of = getattr(body, "best_of", None) or body.n
         self.echo_only = not chat and body.max_tokens == 0  # the prompt and its logprobs, nothing generated
+        # a chat reply that may call tools: the call format of its template (tool_calls.py), else None
+        self.tool_format = template_format(body.chat_template or getattr(tokenizer, "chat_template", None)) \
+            if chat and body.tools_active() else None
 
     # -- admission ----------------------------------------------------------------------------------
-    def admit(self) -> None:
+    async def admit(self) -> None:
         engine, state = self.state.engine, self.state
         if state.draining:
             raise ApiError(503, "The server is shutting down; retry on another replica.", type="service_unavailable")
@@ -104,7 +110,10 @@ class Generation:
             max_tokens = requested or max(engine.max_model_len - len(prompt.ids), 1)
             try:
                 engine.check_length(len(prompt.ids), max_tokens)
-                handle = engine.add_request(prompt.ids, self.adapter, sampling.model_copy(update={"max_tokens": max_tokens}))
+                request = (prompt.ids, self.adapter, sampling.model_copy(update={"max_tokens": max_tokens}))
+                # a grammar compiles in add_request: off the event loop, so a slow schema stalls no stream
+                handle = await asyncio.to_thread(engine.add_request, *request) if sampling.structured is not None \
+                    else engine.add_request(*request)
             except ContextLengthError as error:
                 self._abort_all()
                 raise ApiError(400, str(error), param="messages" if self.chat else "prompt",
@@ -124,11 +133,24 @@ class Generation:
         wanted = self.body.logprobs_wanted()
         logprobs = wanted if wanted is not None or self.best_of == self.body.n else 0  # best_of ranks by logprob
         try:
-            return self.body.sampling(1, self.best_of, logprobs, self._bad_words_ids())
+            return self.body.sampling(1, self.best_of, logprobs, self._bad_words_ids(), self._structured())
         except ValidationError as error:
             first = error.errors()[0]
             field = ".".join(str(p) for p in first.get("loc", ()))
             raise ApiError(400, f"{field}: {first.get('msg')}", param=field or None) from None
+
+    def _structured(self) -> StructuredOutput | None:
+        """The grammar the reply must match: response_format / vLLM's fields, or a call of the tools that
+        tool_choice "required" or a named function asks for (so the reply always parses as a call)."""
+        structured = self.body.structured()
+        names = self.body.tool_names() if self.chat else None
+        if not names:
+            return structured
+        if structured is not None:
+            raise ApiError(400, f"tool_choice {self.body.tool_choice!r} and {structured.param} cannot both constrain a "
+                                "reply; drop one.", param="tool_choice")
+        grammar = call_grammar(self.body.tool_list(), names, self.tool_format, self.body.parallel_tool_calls is not False)
+        return StructuredOutput(kind="lark_raw", spec=grammar, param="tool_choice")
 
     def _bad_words_ids(self) -> list[list[int]]:
         """vLLM's `bad_words` as token sequences: each word as it starts a text and, after a space, mid-text."""
@@ -164,7 +186,7 @@ class Generation:
         return "" if version == BASE_ADAPTER else version
 
     async def reply(self) -> Response:
-        self.admit()
+        await self.admit()
         if self.body.stream:
             try:
                 await self._adapter_bound()
@@ -233,9 +255,11 @@ class Generation:
         if self.body.return_token_ids:
             extra["token_ids"] = [] if self.echo_only else output.token_ids
         if self.chat:
-            message = {"role": "assistant", "content": self.body.echoed() + output.text}
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason(output),
-                    **extra}
+            message, called = {"role": "assistant", "content": self.body.echoed() + output.text}, False
+            if self.tool_format is not None:
+                message, called = message_of(output.text, self.tool_format)
+            return {"index": index, "message": message, "logprobs": logprobs,
+                    "finish_reason": "tool_calls" if called else finish_reason(output), **extra}
         text = (choice.prompt.text if self.body.echo else "") + ("" if self.echo_only else output.text)
         return {"index": index, "text": text, "logprobs": logprobs,
                 "finish_reason": "length" if self.echo_only else finish_reason(output), **extra,
@@ -280,6 +304,7 @@ class Generation:
 
         tasks = [asyncio.ensure_future(pump(choice)) for choice in self.choices]
         counts = [0] * len(self.choices)
+        held = [ToolStream(self.tool_format) if self.tool_format else None for _ in self.choices]
         opened = [False] * len(self.choices)
         try:
             pending = len(self.choices)
@@ -300,15 +325,21 @@ class Generation:
                         return
                     if output.finish_reason == "abort":
                         return
+                    reason = finish_reason(output)
+                    if held[choice.index] is not None:  # what was held back: content, or the calls
+                        for part in self._tool_parts(choice, held[choice.index]):
+                            yield sse(self._chunk([part], counts))
+                            reason = "tool_calls" if "tool_calls" in part["delta"] else reason
                     closing = {"index": choice.index, ("delta" if self.chat else "text"): {} if self.chat else "",
-                               "logprobs": None, "finish_reason": finish_reason(output),
-                               "stop_reason": output.stop_reason}
+                               "logprobs": None, "finish_reason": reason, "stop_reason": output.stop_reason}
                     yield sse(self._chunk([closing], counts))
                     continue
                 counts[choice.index] += 1
                 if self.echo_only:
                     continue
                 entries = choice.handle.seq.logprobs[counts[choice.index] - 1:counts[choice.index]]
+                if held[choice.index] is not None:
+                    delta = held[choice.index].feed(delta)
                 if delta or self.body.logprobs_wanted() is not None:
                     body = {"content": delta} if self.chat else delta
                     part = {"index": choice.index, ("delta" if self.chat else "text"): body,
@@ -324,6 +355,15 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
+
+    @staticmethod
+    def _tool_parts(choice: Choice, stream: ToolStream) -> list[dict]:
+        """The end of a streamed choice whose text was held back: its content, then one delta per tool call."""
+        content, calls = stream.finish()
+        parts = [{"index": choice.index, "delta": {"content": content}, "logprobs": None, "finish_reason": None}] \
+            if content else []
+        return parts + [{"index": choice.index, "delta": {"tool_calls": [call.to_openai(index=k)]}, "logprobs": None,
+                         "finish_reason": None} for k, call in enumerate(calls)]
 
     def _opening(self, choice: Choice, counts: list[int]) -> dict | None:
         """The first chunk of a choice, once its prompt is computed: the assistant's role (chat; with `echo`, the

@@ -1,31 +1,30 @@
 """OpenAI's request shapes for /v1/chat/completions and /v1/completions, with vLLM's extensions, honoured.
 
 Every field OpenAI or vLLM defines for these routes is implemented (n, logprobs, echo, penalties,
-logit_bias, best_of, list prompts, min_tokens, stop_token_ids, chat_template_kwargs, …) or is a true
-no-op here (`user`, `store`, `metadata`, `service_tier`: bookkeeping of OpenAI's own platform;
-`tools: []`, `tool_choice: "none"`, `response_format: {"type": "text"}`: asking for nothing). A field
-neither defines is a 400 naming it (pydantic's `extra="forbid"`), and so is a value we cannot honour
-(a tool call, a JSON schema: until structured output lands) or a vLLM field for a feature this server
-does not have (`VLLM_UNSUPPORTED`: beam search, disaggregation, …), with a message that says which —
-never a reply that silently ignored it.
+logit_bias, best_of, list prompts, min_tokens, stop_token_ids, chat_template_kwargs, tools and
+tool_choice, response_format and vLLM's structured outputs, …) or is a true no-op here (`user`,
+`store`, `metadata`, `service_tier`: bookkeeping of OpenAI's own platform). A field neither defines is
+a 400 naming it (pydantic's `extra="forbid"`), and so is a vLLM field for a feature this server does
+not have (`VLLM_UNSUPPORTED`: beam search, disaggregation, …), with a message that says which — never a
+reply that silently ignored it.
 `ApiError` carries OpenAI's error body: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorakit.http.errors import ApiError
 from lorakit.serve.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from lorakit.serve.structured import StructuredOutput
 
 # vLLM's fields for features this server does not have: a 400 that says so (not "unknown field").
 VLLM_UNSUPPORTED = {
-    "structured_outputs": "structured output", "guided_json": "structured output", "guided_regex": "structured output",
-    "guided_choice": "structured output", "guided_grammar": "structured output",
-    "guided_decoding_backend": "structured output", "guided_whitespace_pattern": "structured output",
-    "structural_tag": "structured output", "prompt_embeds": "prompt embeddings", "watermarking": "watermarking",
+    "guided_whitespace_pattern": "JSON whitespace patterns", "structural_tag": "structural tags",
+    "prompt_embeds": "prompt embeddings", "watermarking": "watermarking",
     "logprob_token_ids": "logprobs of chosen token ids", "logits_processors": "custom logits processors",
     "kv_transfer_params": "disaggregated prefill", "ec_transfer_params": "disaggregated encoders",
     "vllm_xargs": "vLLM extension arguments", "repetition_detection": "repetition detection",
@@ -67,6 +66,14 @@ class _Request(BaseModel):
     metadata: dict[str, str] | None = None  # tags for stored completions (see store)
     service_tier: str | None = None  # OpenAI's capacity tiers; this server has one
     parallel_tool_calls: bool | None = None  # meaningful with tools only
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    # vLLM's structured outputs (its older guided_* spellings too)
+    structured_outputs: dict | None = None  # {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # vLLM's choice of library; this server has one (llguidance)
     # vLLM's sampling extensions
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -116,7 +123,51 @@ class _Request(BaseModel):
         """vLLM: usage on every chunk, when usage is included at all."""
         return self.include_usage and self.stream_options.continuous_usage_stats
 
-    def sampling(self, max_tokens: int, n: int, logprobs: int | None, bad_words_ids: list[list[int]] = ()) -> SamplingParams:
+    def structured(self) -> StructuredOutput | None:
+        """The grammar the output must match, from response_format or vLLM's fields (at most one of them)."""
+        found = []
+        fmt = self.response_format or {"type": "text"}
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(StructuredOutput(kind="json", param="response_format"))
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON Schema object.",
+                               param="response_format")
+            found.append(StructuredOutput(kind="json_schema", spec=json.dumps(schema), param="response_format"))
+        elif kind != "text":
+            raise ApiError(400, f"response_format type {kind!r}: use text, json_object or json_schema.",
+                           param="response_format")
+        options = dict(self.structured_outputs or {})
+        for field, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
+            if getattr(self, field) is not None:
+                options[key] = getattr(self, field)
+        for key, value in options.items():
+            param = "structured_outputs" if self.structured_outputs and key in self.structured_outputs else f"guided_{key}"
+            if value is None or value is False:
+                continue
+            if key == "json":
+                spec = value if isinstance(value, str) else json.dumps(value)
+                found.append(StructuredOutput(kind="json_schema", spec=spec, param=param))
+            elif key == "json_object":
+                found.append(StructuredOutput(kind="json", param=param))
+            elif key in ("regex", "grammar"):
+                found.append(StructuredOutput(kind=key, spec=str(value), param=param))
+            elif key == "choice":
+                found.append(StructuredOutput(kind="choice", spec=json.dumps([str(v) for v in value]), param=param))
+            elif key not in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                             "whitespace_pattern"):
+                raise ApiError(400, f"structured_outputs.{key} is not implemented by lorakit serve (it takes json, "
+                                    "regex, choice, grammar, json_object).", param="structured_outputs")
+        if len(found) > 1:
+            raise ApiError(400, f"Give one output constraint, not {len(found)} ({', '.join(f.param for f in found)}).",
+                           param=found[1].param)
+        return found[0] if found else None
+
+    def sampling(self, max_tokens: int, n: int, logprobs: int | None, bad_words_ids: list[list[int]] = (),
+                 structured: StructuredOutput | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=max_tokens, n=n, temperature=1.0 if self.temperature is None else self.temperature,
@@ -128,7 +179,7 @@ class _Request(BaseModel):
             ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs_wanted(), allowed_token_ids=self.allowed_token_ids,
-            bad_words_ids=[list(ids) for ids in bad_words_ids])
+            bad_words_ids=[list(ids) for ids in bad_words_ids], structured=structured)
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
         """The prompt after vLLM's `truncate_prompt_tokens` (the last N tokens, or the first N with
@@ -141,20 +192,6 @@ class _Request(BaseModel):
 
     def prompt_logprobs_wanted(self) -> int | None:
         return self.prompt_logprobs
-
-
-def refuse_tool_use(body: BaseModel) -> None:
-    """Tools and structured output are not implemented yet: the values that ask for nothing pass (they are
-    what many clients send by default), anything else is a 400 naming the field."""
-    asks = {"tools": bool(getattr(body, "tools", None)), "functions": bool(getattr(body, "functions", None)),
-            "tool_choice": getattr(body, "tool_choice", None) not in (None, "none"),
-            "function_call": getattr(body, "function_call", None) not in (None, "none"),
-            "response_format": (getattr(body, "response_format", None) or {"type": "text"}).get("type") != "text"}
-    field = next((name for name, asked in asks.items() if asked), None)
-    if field is not None:
-        raise ApiError(400, f"{field}: tool calls and structured output are not supported by this server yet; leave "
-                            f"{field} out (or send the value that asks for nothing).", param=field,
-                       code="unsupported_parameter")
 
 
 class ChatMessage(BaseModel):
@@ -179,11 +216,10 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list | None = None
-    tool_choice: Any = None
-    functions: list | None = None
-    function_call: Any = None
-    response_format: dict | None = None
+    tools: list[dict] | None = None  # [{"type": "function", "function": {"name", "description", "parameters"}}]
+    tool_choice: str | dict | None = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name"}}
+    functions: list[dict] | None = None  # OpenAI's older spelling of tools
+    function_call: str | dict | None = None  # … and of tool_choice
     # vLLM's chat extensions
     echo: bool = False  # the reply starts with the last message's content when it is the assistant's
     add_generation_prompt: bool = True
@@ -206,6 +242,41 @@ class ChatCompletionRequest(_Request):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def tool_list(self) -> list[dict]:
+        """The request's tools in OpenAI's shape (the older `functions` read as tools)."""
+        tools = list(self.tools or []) + [{"type": "function", "function": f} for f in self.functions or []]
+        for number, tool in enumerate(tools):
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type", "function") != "function" or not isinstance(function, dict) or \
+                    not isinstance(function.get("name"), str):
+                raise ApiError(400, f"tools[{number}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                                    "\"parameters\": {...}}}.", param="tools")
+        return tools
+
+    def tool_names(self) -> list[str] | None:
+        """The functions the reply must call: all of them ("required"), one (a named choice), or None (the model
+        decides, "auto"; or no tools, "none")."""
+        tools = self.tool_list()
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if isinstance(choice, dict):
+            name = (choice.get("function") or choice).get("name")
+            if name not in {t["function"]["name"] for t in tools}:
+                raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools.", param="tool_choice")
+            return [name]
+        if choice not in (None, "auto", "none", "required"):
+            raise ApiError(400, f"tool_choice {choice!r}: use none, auto, required or a named function.",
+                           param="tool_choice")
+        if choice == "required":
+            if not tools:
+                raise ApiError(400, "tool_choice required needs tools.", param="tool_choice")
+            return [t["function"]["name"] for t in tools]
+        return None
+
+    def tools_active(self) -> bool:
+        """Whether the reply may hold tool calls (read back into `tool_calls`)."""
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        return bool(self.tool_list()) and choice != "none"
 
     def logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None

@@ -26,7 +26,6 @@ def inference_router(state: ServerState) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
         request.state.label = body.model
-        oa.refuse_tool_use(body)
         adapter = await state.resolve_off_loop(body.model)
         tokenizer = state.tokenizer_for(adapter)
         prompt = await chat_prompt(tokenizer, body, state.engine.max_model_len)

@@ -10,6 +10,7 @@ from typing import Any
 
 from lorakit.http.errors import ApiError
 from lorakit.http.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from lorakit.tool_calls import template_format, template_messages
 
 
 @dataclass
@@ -20,12 +21,19 @@ class Prompt:
 
 def render_chat(tokenizer, messages: list[ChatMessage], *, add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False, chat_template: str | None = None,
-                chat_template_kwargs: dict[str, Any] | None = None, documents: list | None = None) -> list[int]:
+                chat_template_kwargs: dict[str, Any] | None = None, documents: list | None = None,
+                tools: list[dict] | None = None) -> list[int]:
     """Messages → token ids through the chat template (transformers renders it in a sandboxed Jinja
-    environment, so a request's own `chat_template` cannot reach the server)."""
-    rendered = [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages]
+    environment, so a request's own `chat_template` cannot reach the server). Tools and past tool calls go
+    in as the template expects them, or as a Hermes system message for a template that renders none
+    (tool_calls.py)."""
+    fmt = template_format(chat_template or getattr(tokenizer, "chat_template", None))
+    rendered = template_messages([{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages],
+                                 tools, fmt)
     options = {"continue_final_message": continue_final_message,
                "add_generation_prompt": add_generation_prompt and not continue_final_message}
+    if tools and fmt != "system":
+        options["tools"] = tools
     if chat_template:
         options["chat_template"] = chat_template
     if documents is not None:
@@ -44,7 +52,8 @@ async def chat_prompt(tokenizer, body: ChatCompletionRequest, max_model_len: int
         return render_chat(tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
                            continue_final_message=body.continue_final_message,
                            add_special_tokens=body.add_special_tokens, chat_template=body.chat_template,
-                           chat_template_kwargs=body.chat_template_kwargs, documents=body.documents)
+                           chat_template_kwargs=body.chat_template_kwargs, documents=body.documents,
+                           tools=body.tool_list() or None)
 
     try:
         ids = await asyncio.to_thread(render)

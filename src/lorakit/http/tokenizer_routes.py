@@ -33,6 +33,7 @@ class TokenizeRequest(BaseModel):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict] | None = None
     return_token_strs: bool = False
 
 
@@ -68,7 +69,7 @@ def tokenizer_router(state) -> APIRouter:
             return render_chat(tokenizer, body.messages, add_generation_prompt=body.add_generation_prompt,
                                continue_final_message=body.continue_final_message,
                                add_special_tokens=bool(body.add_special_tokens), chat_template=body.chat_template,
-                               chat_template_kwargs=body.chat_template_kwargs)
+                               chat_template_kwargs=body.chat_template_kwargs, tools=body.tools)
 
         tokens = list(await asyncio.to_thread(run))
         strs = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None

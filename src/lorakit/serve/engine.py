@@ -41,6 +41,7 @@ from lorakit.serve.runner import ModelRunner, StepResult
 from lorakit.serve.sampling import SamplingParams, generator_for
 from lorakit.serve.scheduler import Plan, Scheduler, Sequence
 from lorakit.serve.step import build_step
+from lorakit.serve.structured import Grammars
 from lorakit.serve.virtual import VirtualTokens
 
 _log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Engine:
         self.virtual = VirtualTokens(model)  # soft prompts and prefixes of the loaded adapters (serve/virtual.py)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, max_loras)
         self.runner = ModelRunner(model, self.eos_ids)
+        self.grammars = Grammars(tokenizer, self.vocab_size)  # structured output (structured.py)
         self.steps = 0
         self.tokens_out = 0
         self.prompt_tokens = 0
@@ -103,9 +105,12 @@ class Engine:
         self.check_sampling(sampling)
         self.check_length(len(ids), sampling.max_tokens)
         seq = self._sequence(ids, sampling, adapter, 0)
+        if sampling.structured is not None:  # compiled here, in the caller's thread: a RequestError for a bad one
+            seq.constraint = self.grammars.constraint(sampling.structured)
         seq.forks = [self._sequence(ids, sampling, adapter, choice) for choice in range(1, sampling.n)]
-        for fork in seq.forks:  # one prompt, one list of its logprobs
+        for fork in seq.forks:  # one prompt, one list of its logprobs; each choice its own grammar state
             fork.prompt_logprobs = seq.prompt_logprobs
+            fork.constraint = seq.constraint.copy() if seq.constraint is not None else None
         if adapter is None:
             self.scheduler.bind(seq, BASE_ADAPTER)
         else:  # unknown names and failed loads raise here, before the request is queued
@@ -265,7 +270,10 @@ class Engine:
         seq.token_times.append(now)
         self.tokens_out += 1
         try:
-            reason, delta = settle(seq, seq.output_ids[-1], self.tokenizer, self.eos_ids)
+            if seq.constraint is not None:
+                seq.constraint.consume(seq.output_ids[-1])
+            complete = seq.constraint is not None and seq.constraint.done
+            reason, delta = settle(seq, seq.output_ids[-1], self.tokenizer, self.eos_ids, complete)
         except Exception as error:  # noqa: BLE001 - decoding one request's tokens never takes the step down
             self._fail(seq, f"decoding failed: {type(error).__name__}: {error}")
             return

@@ -45,8 +45,9 @@ def output_of(seq: Sequence) -> RequestOutput:
     )
 
 
-def settle(seq: Sequence, token: int, tokenizer, eos_ids: set[int]) -> tuple[str | None, str]:
-    """(finish reason or None, text delta to stream) after `token` was appended to `seq.output_ids`."""
+def settle(seq: Sequence, token: int, tokenizer, eos_ids: set[int], complete: bool = False) -> tuple[str | None, str]:
+    """(finish reason or None, text delta to stream) after `token` was appended to `seq.output_ids`; `complete`:
+    its grammar is satisfied and takes nothing more (a stop, as vLLM ends a structured request)."""
     params = seq.params
     if tokenizer is not None:
         seq.text = tokenizer.decode(seq.output_ids, skip_special_tokens=params.skip_special_tokens,
@@ -60,6 +61,8 @@ def settle(seq: Sequence, token: int, tokenizer, eos_ids: set[int]) -> tuple[str
         reason = "stop"
         seq.stop_reason = stop if stop is not None else token
     elif token in eos_ids and not params.ignore_eos and not early:
+        reason = "stop"
+    elif complete:
         reason = "stop"
     else:
         reason = "length" if len(seq.output_ids) >= params.max_tokens else None

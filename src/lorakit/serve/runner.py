@@ -66,8 +66,10 @@ class ModelRunner:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor, result: StepResult) -> None:
         stop_ids = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else self.eos_ids)
-        try:  # its settings, its logits: one request's sampling never takes the step down
-            token, logprob = choose(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids, stop_ids)
+        try:  # its settings, its logits, its grammar: one request's sampling never takes the step down
+            allowed = seq.constraint.allowed(logits.device) if seq.constraint is not None else None
+            token, logprob = choose(logits, seq.params, seq.generator, seq.prompt_ids, seq.output_ids, stop_ids,
+                                    allowed)
         except Exception as error:  # noqa: BLE001
             _log.warning("sampling failed for request %d: %s", seq.id, error)
             result.failed[seq] = f"sampling failed: {type(error).__name__}: {error}"

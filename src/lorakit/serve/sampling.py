@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorakit.serve.structured import StructuredOutput
+
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a torch.long, as vLLM bounds `seed`
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs bound
@@ -49,6 +51,7 @@ class SamplingParams(BaseModel):
     spaces_between_special_tokens: bool = True  # how the text is decoded (slow tokenizers; fast ones ignore it)
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # sample only among these
     bad_words_ids: list[list[int]] = Field(default_factory=list)  # token sequences never completed
+    structured: StructuredOutput | None = None  # a grammar the output must match (structured.py)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per sampled token: its logprob and the top N
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # per prompt token (echo, vLLM's field)
 
@@ -129,9 +132,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, prompt: list[int],
-           output: list[int], stop_ids: set[int]) -> tuple[int, TokenLogprob | None]:
-    """The next token of a sequence (and, if asked, its logprob entry) from its row of logits."""
-    token = sample(processed(logits, params, prompt, output, stop_ids), params, generator)
+           output: list[int], stop_ids: set[int], allowed: torch.Tensor | None = None) -> tuple[int, TokenLogprob | None]:
+    """The next token of a sequence (and, if asked, its logprob entry) from its row of logits; `allowed`: the
+    tokens its grammar allows (structured.py), applied after every other transform."""
+    scores = processed(logits, params, prompt, output, stop_ids)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    token = sample(scores, params, generator)
     if params.logprobs is None:
         return token, None
     return token, logprob_of(torch.log_softmax(logits.float(), dim=-1), token, params.logprobs)

@@ -70,6 +70,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # a TokenLogprob per output token, when asked for
     prompt_logprobs: list | None = None  # a TokenLogprob per prompt token (None for the first), when asked for
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    constraint: object | None = None  # its grammar's state, when its output must match one (structured.py)
 
     @property
     def tokens(self) -> list[int]:

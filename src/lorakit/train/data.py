@@ -3,7 +3,8 @@
 Five formats, decided from the columns (or `data.format`):
 
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...]}  chat (OpenAI's
-                                                    fine-tuning JSONL: an assistant turn with "weight": 0 gets no loss)
+                                                    fine-tuning JSONL: an assistant turn with "weight": 0 gets no loss;
+                                                    "tools": [...] and assistant "tool_calls" train a tool caller)
     {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}    ShareGPT (system: optional)
     {"instruction": ..., "input": ..., "output": ..., "system": ...}              Alpaca (input, system optional)
     {"prompt": ..., "completion": ...}                                             TRL's convention
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import DataError
+from lorakit.tool_calls import template_format, template_messages
 from lorakit.train.alpaca_prompts import alpaca_ids
 from lorakit.train.splits import apply_split
 
@@ -161,8 +163,14 @@ def detect_format(records: list[dict], path: Path, requested: str = "auto") -> s
 
 
 # -- encoding -----------------------------------------------------------------------------------
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+             tools: list[dict] | None = None) -> list[int]:
+    """A chat's token ids, tools and tool calls rendered as `lorakit serve` renders them (tool_calls.py), so an
+    adapter trained on calls is served the prompt it trained on."""
+    fmt = template_format(getattr(tokenizer, "chat_template", None))
+    options = {"tools": tools} if tools and fmt != "system" else {}
+    text = tokenizer.apply_chat_template(template_messages(messages, tools, fmt), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **options)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -191,16 +199,17 @@ def text_content(message: dict, number: int) -> dict:
     return {**message, "content": "".join(texts)}
 
 
-def rendered_chat(tokenizer, messages) -> tuple[list[dict], list[int]]:
+def rendered_chat(tokenizer, messages, tools: list[dict] | None = None) -> tuple[list[dict], list[int]]:
     """(messages, token ids) of a chat the template renders, or a DataError naming the message it
     cannot render and why (instead of a template traceback)."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and ("role" in m or "from" in m) for m in messages):
         raise DataError(f"'messages' must be a list of objects with a 'role'; got {messages!r:.120}")
     messages = [text_content(m, n) for n, m in enumerate(messages, start=1)]
     try:
-        return messages, chat_ids(tokenizer, messages)
+        return messages, chat_ids(tokenizer, messages, tools=tools)
     except Exception as exc:  # noqa: BLE001 (jinja2 and template code raise anything): find the message
-        failed = next((n for n in range(1, len(messages) + 1) if not _renders(tokenizer, messages[:n])), len(messages))
+        failed = next((n for n in range(1, len(messages) + 1) if not _renders(tokenizer, messages[:n], tools)),
+                      len(messages))
         message = messages[failed - 1]
         what = ", ".join([f"role {message['role']!r}"] + (["content null"] if message.get("content") is None else [])
                          + (["tool_calls"] if message.get("tool_calls") else []))
@@ -209,24 +218,26 @@ def rendered_chat(tokenizer, messages) -> tuple[list[dict], list[int]]:
                         "template renders tool calls.") from None
 
 
-def _renders(tokenizer, messages: list[dict]) -> bool:
+def _renders(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> bool:
     try:
-        chat_ids(tokenizer, messages)
+        chat_ids(tokenizer, messages, tools=tools)
         return True
     except Exception:  # noqa: BLE001
         return False
 
 
-def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False) -> Example:
-    """Token ids of a rendered chat; labels on the assistant turns (or on everything)."""
-    messages, ids = rendered_chat(tokenizer, messages)
+def encode_chat(tokenizer, messages: list[dict], train_on_prompt: bool = False,
+                tools: list[dict] | None = None) -> Example:
+    """Token ids of a rendered chat; labels on the assistant turns — their text and their tool calls (OpenAI's
+    `tool_calls`, with the record's `tools` in the prompt) — or on everything."""
+    messages, ids = rendered_chat(tokenizer, messages, tools)
     labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
     last_prompt: list[int] = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant" or not message.get("weight", 1):  # OpenAI's weight 0: context only
             continue
-        head = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True)
-        end = len(chat_ids(tokenizer, messages[: turn + 1]))
+        head = chat_ids(tokenizer, messages[:turn], add_generation_prompt=True, tools=tools)
+        end = len(chat_ids(tokenizer, messages[: turn + 1], tools=tools))
         if ids[: len(head)] != head:
             raise DataError("the chat template renders a conversation's prefix differently from the whole "
                             "conversation, so assistant turns cannot be located; use train_on_prompt: true.")
@@ -294,7 +305,7 @@ def encode_alpaca(tokenizer, record: dict, train_on_prompt: bool = False, chat_t
 def encode_record(tokenizer, record: dict, fmt: str, train_on_prompt: bool = False, chat_template: bool = True,
                   prompt_style: str = "template") -> Example:
     if fmt == "messages":
-        return encode_chat(tokenizer, record["messages"], train_on_prompt)
+        return encode_chat(tokenizer, record["messages"], train_on_prompt, tools=record.get("tools"))
     if fmt == "sharegpt":
         return encode_chat(tokenizer, sharegpt_messages(record), train_on_prompt)
     if fmt == "alpaca":
