@@ -164,3 +164,21 @@ def test_langchain_structured_output_three_ways_and_a_tool_round_trip(server):
     result = ToolMessage(f"sunny in {get_weather(**call['args']).city}", tool_call_id=call["id"])
     second = chat.bind_tools([get_weather]).invoke([HumanMessage("Weather in Paris?"), first, result])
     assert second.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.parametrize("step", [1, 3, 50])
+def test_a_stream_sends_the_content_before_a_call_and_holds_the_call(step):
+    """Content before a Hermes call streams as it comes (up to where the call may begin, its whitespace held
+    too); the call goes out at the end — the same content and call as the whole reply, at any chunking."""
+    from lorakit.http.tool_replies import ToolStream, message_of
+
+    text = 'Let me check <the> weather. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    stream, streamed = ToolStream("hermes"), []
+    for i in range(0, len(text), step):
+        streamed.append(stream.feed(text[i:i + step]))
+    rest, calls = stream.finish()
+    whole, called = message_of(text, "hermes")
+    assert called and "".join(streamed) + rest == whole["content"] == "Let me check <the> weather."
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    if step == 1:
+        assert "".join(streamed[:3]) == "Let"  # content streams as it comes, not held to the end

@@ -172,6 +172,8 @@ def test_resume_rules_after_a_finished_run(tmp_path, chat_model_dir):
 
 INTERRUPT = """
 import sys
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with SIGINT ignored
 from lorakit.cli import app
 app(sys.argv[1:])
 """
