@@ -103,6 +103,26 @@ def test_response_format_and_vllm_constraints(server):
     coded = client.completions.create(model="plain", prompt="Code:", max_tokens=10, temperature=1, seed=4,
                                       extra_body={"structured_outputs": {"regex": "[a-z]{3}[0-9]"}}).choices[0].text
     assert len(coded) == 4 and coded[:3].isalpha() and coded[3].isdigit()
+    open_schema = {key: value for key, value in schema.items() if key != "additionalProperties"}
+    for seed in range(3):  # vLLM's disable_additional_properties closes the object: only city and n, ever
+        text = client.completions.create(model="plain", prompt="JSON:", max_tokens=60, temperature=1, seed=seed,
+                                         extra_body={"structured_outputs": {"json": json.dumps(open_schema),
+                                                                            "disable_additional_properties": True}})
+        jsonschema.validate(json.loads(text.choices[0].text), schema)
+
+
+def test_disable_additional_properties_closes_every_object_and_nothing_else():
+    from lorakit.http.openai_protocol import _closed
+
+    schema = {"type": "object", "properties": {"type": {"type": "object", "properties": {"x": {}}},
+                                               "properties": {"type": "string"}},
+              "$defs": {"Open": {"type": "object", "additionalProperties": True}},
+              "anyOf": [{"properties": {"y": {}}}], "items": {"type": "array"}}
+    closed = _closed(schema)
+    assert closed["additionalProperties"] is False and closed["anyOf"][0]["additionalProperties"] is False
+    assert closed["properties"]["type"]["additionalProperties"] is False
+    assert closed["properties"]["properties"] == {"type": "string"}  # a property named "properties" is a string
+    assert closed["$defs"]["Open"]["additionalProperties"] is True and closed["items"] == {"type": "array"}
 
 
 @pytest.mark.parametrize(("body", "param"), [
@@ -113,6 +133,8 @@ def test_response_format_and_vllm_constraints(server):
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"structured_outputs": {"json": {}, "whitespace_pattern": " *"}}, "structured_outputs"),
 ])
 def test_bad_constraints_get_a_400_naming_the_field(server, body, param):
     reply = httpx.post(f"{server.url}/v1/chat/completions",

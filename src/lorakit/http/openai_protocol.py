@@ -144,23 +144,25 @@ class _Request(BaseModel):
                            ("guided_grammar", "grammar")):
             if getattr(self, field) is not None:
                 options[key] = getattr(self, field)
+        closed = bool(options.pop("disable_additional_properties", False))  # vLLM: objects take no other keys
         for key, value in options.items():
             param = "structured_outputs" if self.structured_outputs and key in self.structured_outputs else f"guided_{key}"
             if value is None or value is False:
                 continue
             if key == "json":
-                spec = value if isinstance(value, str) else json.dumps(value)
-                found.append(StructuredOutput(kind="json_schema", spec=spec, param=param))
+                spec = _schema(value, param)
+                found.append(StructuredOutput(kind="json_schema", param=param,
+                                              spec=json.dumps(_closed(spec) if closed else spec)))
             elif key == "json_object":
                 found.append(StructuredOutput(kind="json", param=param))
             elif key in ("regex", "grammar"):
                 found.append(StructuredOutput(kind=key, spec=str(value), param=param))
             elif key == "choice":
                 found.append(StructuredOutput(kind="choice", spec=json.dumps([str(v) for v in value]), param=param))
-            elif key not in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
-                             "whitespace_pattern"):
+            elif key not in ("disable_fallback", "disable_any_whitespace"):  # no fallback; JSON is compact here
                 raise ApiError(400, f"structured_outputs.{key} is not implemented by lorakit serve (it takes json, "
-                                    "regex, choice, grammar, json_object).", param="structured_outputs")
+                                    "regex, choice, grammar, json_object, disable_additional_properties).",
+                               param="structured_outputs")
         if len(found) > 1:
             raise ApiError(400, f"Give one output constraint, not {len(found)} ({', '.join(f.param for f in found)}).",
                            param=found[1].param)
@@ -192,6 +194,36 @@ class _Request(BaseModel):
 
     def prompt_logprobs_wanted(self) -> int | None:
         return self.prompt_logprobs
+
+
+def _schema(value: dict | str, param: str) -> Any:
+    """A JSON Schema sent as an object or as JSON text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"{param}: the JSON Schema is not valid JSON ({error}).", param=param) from None
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that does not say (vLLM's
+    disable_additional_properties), through the keywords that hold subschemas."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _closed(sub) for name, sub in out[key].items()}
+    for key in ("items", "additionalItems", "contains", "not", "if", "then", "else"):
+        if key in out:
+            out[key] = _closed(out[key])
+    for key in ("anyOf", "allOf", "oneOf", "prefixItems"):
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(sub) for sub in out[key]]
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class ChatMessage(BaseModel):

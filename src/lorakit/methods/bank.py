@@ -15,7 +15,8 @@ Who owns the numbers:
   them new storage (an optimizer step, `load_state_dict(assign=True)`, `.to()`, FSDP flattening,
   `torch.compile`) and nothing breaks. Their rows here are a derived copy, written when a mixed
   batch routes to them and re-written whenever a parameter is no longer the tensor, or the
-  version, it was copied from (`sync`: an identity and version check per routed adapter).
+  version, it was copied from (the layer's `sync_bank`: a version check per routed adapter, and a
+  count of replaced parameters per `AdapterWeights`).
 
 Growth: a bucket starts with one row and grows by 1/16 (at least 4 rows), so a bank of n
 adapters holds at most max(4 rows, 6%) unused (bench/mixed_batch.py: 200 adapters, 2.4% slack).
@@ -102,7 +103,6 @@ class SlotBank:
         self.buckets: dict[Key, Bucket] = {}
         self.entries: dict[int, BankRow] = {}
         self.layout = Layout.of({})
-        self._copied_from: dict[int, tuple] = {}  # slot → (A, its version, B, its version) a row was copied from
 
     def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool) -> None:
         """Copy (A, B) into `slot`'s row (a free row of its bucket if it has none of that rank and dtype)."""
@@ -125,11 +125,9 @@ class SlotBank:
         if entry is None or entry.scaling != scaling or entry.banked != banked:
             self.entries[slot] = BankRow(key, row, scaling, banked)
             self.layout = Layout.of(self.entries)
-        self._copied_from.pop(slot, None)
 
     def reset_slot(self, slot: int) -> None:
         entry = self.entries.pop(slot, None)
-        self._copied_from.pop(slot, None)
         if entry is not None:
             bucket = self.buckets[entry.key]
             bucket.owner[entry.row] = None
@@ -143,16 +141,6 @@ class SlotBank:
         bucket = self.buckets[entry.key]
         return bucket.a[entry.row], bucket.b[entry.row]
 
-    def sync(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float, banked: bool) -> None:
-        """`slot`'s row as a copy of the parameters (A, B): re-written only if they are not the tensors, or not
-        at the versions, it was last copied from."""
-        copied = self._copied_from.get(slot)
-        if copied is not None and copied[0]() is a and copied[1] == a._version and copied[2]() is b \
-                and copied[3] == b._version and self.entries[slot].scaling == scaling:
-            return
-        self.set_slot(slot, a.detach(), b.detach(), scaling, banked)
-        self._copied_from[slot] = (weakref.ref(a), a._version, weakref.ref(b), b._version)
-
     def convert(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Every row through `fn` (a module's `_apply`: `.to(dtype)`, `.to(device)`, `.half()`), rebucketed."""
         rows = {slot: (*(fn(t) for t in self.row(slot)), e.scaling, e.banked) for slot, e in self.entries.items()}
@@ -160,11 +148,8 @@ class SlotBank:
         for slot, (a, b, scaling, banked) in rows.items():
             self.set_slot(slot, a, b, scaling, banked)
 
-    def __getstate__(self) -> dict:  # pickling or deepcopying: the copy re-syncs its rows from its own parameters
-        return {**self.__dict__, "_copied_from": {}}
-
     def clear(self) -> None:
-        self.buckets, self.entries, self._copied_from = {}, {}, {}
+        self.buckets, self.entries = {}, {}
         self.layout = Layout.of({})
 
     def bytes(self) -> int:
@@ -193,6 +178,7 @@ class AdapterWeights(nn.Module):
     def __init__(self, suffix: str = ".weight"):
         super().__init__()
         self.suffix = suffix
+        self.replaced = 0  # parameters put in another's place (a training model's bank copies re-check theirs)
 
     def __contains__(self, name: object) -> bool:
         return f"{name}{self.suffix}" in self._parameters
@@ -218,9 +204,11 @@ class AdapterWeights(nn.Module):
 
     def set(self, name: str, param: nn.Parameter) -> None:
         self._parameters[f"{name}{self.suffix}"] = param
+        self.replaced += 1
 
     def remove(self, name: str) -> None:
         self._parameters.pop(f"{name}{self.suffix}", None)
+        self.replaced += 1
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -238,6 +226,7 @@ class AdapterWeights(nn.Module):
                 continue
             if assign:  # load_state_dict(assign=True): the given tensor becomes the parameter
                 self._parameters[key] = nn.Parameter(value, requires_grad=param.requires_grad)
+                self.replaced += 1
             else:
                 with torch.no_grad():
                     param.copy_(value)

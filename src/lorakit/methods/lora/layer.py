@@ -59,6 +59,9 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = AdapterWeights()  # DoRA adapters only (dora.py)
         self.dora_norms: dict[str, torch.Tensor] = {}  # ‖W + ΔW‖ of each merged DoRA adapter, for unmerge
         self.factor_names = (f"lora{suffix}_A", f"lora{suffix}_B")  # PEFT's: lora_A / lora_embedding_A, …
+        # a training model's bank rows: adapter → (A, its version, B, its version, scaling) they were copied from
+        self._copied: dict[str, tuple] = {}
+        self._copied_at: tuple[int, int] = (-1, -1)  # the containers' `replaced` counts when they were
 
     @property
     def adapters(self) -> list[str]:
@@ -96,6 +99,7 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(name)
         if name in self.slots:
             self.bank.reset_slot(self.slots.pop(name))
+        self._copied.pop(name, None)
         for table in (self.r, self.lora_alpha, self.scaling, self.banked, self.variants):
             table.pop(name, None)
 
@@ -119,7 +123,13 @@ class LoraLayer(AdapterLayer):
             self.bank.convert(fn)
         else:
             self.bank.clear()
+            self._copied.clear()
         return self
+
+    def __getstate__(self) -> dict:
+        """Pickled or deep-copied: the copy's parameters are new tensors whose versions restart, so it re-makes its
+        bank rows from them rather than trust versions recorded on the originals."""
+        return {**super().__getstate__(), "_copied": {}, "_copied_at": (-1, -1)}
 
     def _dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout.get(name, 0.0)
@@ -256,12 +266,28 @@ class LoraLinear(LoraLayer):
         delta = lora_b @ lora_a  # (out, r) @ (r, in)
         return (delta.T if self.weight_transposed else delta) * self.scaling[name]
 
+    def sync_bank(self, names) -> None:
+        """A training model's bank rows as copies of its parameters (bank.py), re-made for an adapter whose A or B
+        changed in place (its version moved), was replaced (its container's `replaced` count moved: assign=True
+        loads, set) or whose scaling changed. A mixed step routes every adapter through every layer, so the
+        check is a few attribute reads per adapter, not a lookup of its parameters (bench/mixed_batch.py)."""
+        a_weights, b_weights = (getattr(self, attr) for attr in self.factor_names)
+        if self._copied_at != (a_weights.replaced, b_weights.replaced):
+            self._copied, self._copied_at = {}, (a_weights.replaced, b_weights.replaced)
+        for name in names:
+            if name not in self.r:
+                continue
+            scaling, seen = self.scaling[name], self._copied.get(name)
+            if seen is not None and seen[0]._version == seen[1] and seen[2]._version == seen[3] and seen[4] == scaling:
+                continue
+            a, b = a_weights.param(name), b_weights.param(name)
+            self.bank.set_slot(self.slots[name], a.detach(), b.detach(), scaling, self.banked[name])
+            self._copied[name] = (a, a._version, b, b._version, scaling)
+
     def banked_output(self, x: torch.Tensor, out: torch.Tensor, routing: Routing, tokens_per_entry: int) -> list[str]:
         """Every non-DoRA routed adapter in one bmm pair per rank bucket, from the bank (mixed.py)."""
         adapter_set = self.adapter_set
-        if not adapter_set.serving:  # a training model's rows: copies of its parameters, re-made if they changed
-            for name in routing.adapters():
-                if name in self.r:
-                    self.bank.sync(self.slots[name], *self.factors(name), self.scaling[name], self.banked[name])
+        if not adapter_set.serving:
+            self.sync_bank(routing.adapters())
         slots = routing.cached(("slots", id(adapter_set)), lambda: [adapter_set.slots.get(n, -1) for n in routing.names])
         return banked_delta(self.bank, x, out, routing, slots, tokens_per_entry)
