@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import inputs_for, output_of, tiny_llama
+from conftest import assert_rows_equal_alone, inputs_for, output_of, tiny_llama
 from lorakit.errors import MergeError
 from lorakit.methods.table import METHODS, is_adapter_parameter
 from lorakit.serve import Engine, SamplingParams
@@ -81,15 +81,7 @@ def test_a_mixed_batch_equals_each_row_alone(trained):
     spec, base, model = trained
     names, seq = ["x", "__base__", "y", "x"], 7
     ids = inputs_for(base, batch=len(names), seq=seq)["input_ids"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                alone = base(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row, -seq:], alone[0, -seq:], atol=ATOL, rtol=0, msg=name)
+    assert_rows_equal_alone(model, base, {"input_ids": ids}, names, atol=ATOL, last=seq)
 
 
 def test_the_engine_answers_as_generate_alone(trained):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lorakit
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, assert_rows_equal_alone, tiny_llama
 from lorakit.errors import AdapterStateError, AdapterWeightsError, ConfigError, MergeError
 
 ATOL = 1e-5
@@ -160,15 +160,7 @@ NAMES = ["prompt", "lora", "prefix", "__base__", "p_tuning", "ia3", "long_prefix
 def test_mixed_method_batch_rows_equal_each_adapter_alone():
     model, base = mixed_model()
     ids = batch(rows=len(NAMES), length=6, seed=4)["input_ids"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=NAMES).logits
-        for row, name in enumerate(NAMES):
-            if name == "__base__":
-                alone = base(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                alone = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row, -6:], alone[0, -6:], atol=ATOL, rtol=0, msg=name)
+    assert_rows_equal_alone(model, base, {"input_ids": ids}, NAMES, atol=ATOL, last=6)
 
 
 def test_mixed_method_generate_rows_equal_each_adapter_alone():

@@ -23,21 +23,22 @@ def inference_router(state: ServerState) -> APIRouter:
 
     router = APIRouter(dependencies=[Depends(inference_key)])
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
+    async def generate(body: oa.ChatCompletionRequest | oa.CompletionRequest, request: Request, chat: bool) -> Response:
         request.state.label = body.model
         adapter = await state.resolve_off_loop(body.model)
         tokenizer = state.tokenizer_for(adapter)
-        prompt = await chat_prompt(tokenizer, body, state.engine.max_model_len)
-        return await Generation(state, request, body, adapter, [prompt], True, tokenizer).reply()
+        length = state.engine.max_model_len
+        prompts = [await chat_prompt(tokenizer, body, length)] if chat else \
+            await completion_prompts(tokenizer, body, length)
+        return await Generation(state, request, body, adapter, prompts, chat, tokenizer).reply()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
+        return await generate(body, request, chat=True)
 
     @router.post("/v1/completions")
     async def completions(body: oa.CompletionRequest, request: Request) -> Response:
-        request.state.label = body.model
-        adapter = await state.resolve_off_loop(body.model)
-        tokenizer = state.tokenizer_for(adapter)
-        prompts = await completion_prompts(tokenizer, body, state.engine.max_model_len)
-        return await Generation(state, request, body, adapter, prompts, False, tokenizer).reply()
+        return await generate(body, request, chat=False)
 
     @router.get("/v1/models")
     async def models() -> dict:
