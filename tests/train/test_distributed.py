@@ -62,6 +62,7 @@ def test_two_processes_at_batch_2_equal_one_at_batch_4_and_write_everything_once
     assert [v for _, v in evals[1]] == pytest.approx([v for _, v in evals[0]], rel=1e-5)
     assert two.stdout.count("step 1/4  loss") == 1 and two.stdout.count("Before / after") == 1
     assert two.stdout.count("trainable params") == 1
+    assert "outlived training" not in two.stderr  # each rank freed its DDP wrapper before taking its group down
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())["run"]
     assert (summary["world_size"], summary["per_device_batch"], summary["global_batch"]) == (2, 2, 4)
     assert "processes: 2; batch 2 per device, 4 per optimizer step" in (tmp_path / "two" / "report.md").read_text()

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -128,25 +126,13 @@ def train(
     from lorakit.train.job import run_train
 
     try:
-        result = or_exit(run_train, job, resume, overwrite)
+        or_exit(run_train, job, resume, overwrite)
     except TrainingInterrupted as stop:
         again = " ".join(["lorakit", "train", shlex.quote(str(config)), *(f"--set {shlex.quote(s)}" for s in set_)])
         command = f"{again} --resume" if stop.checkpoint is not None else f"{again} --overwrite"
         Console(stderr=True, soft_wrap=True).print(f"[yellow]{escape(str(stop))}[/yellow]\nTo continue: {escape(command)}",
                                                    highlight=False)
         raise typer.Exit(130) from None
-    if result.get("rank", 0) > 0:
-        end_worker_rank()
-
-
-def end_worker_rank() -> None:
-    """A torchrun worker other than rank 0 has nothing left to do once its process group is down: it leaves
-    without the interpreter's finalization, where torch's native threads (gloo's, the autograd engine's)
-    race the GIL's teardown — seen as an abort now and then, and once as a run that never ended (pytorch
-    issues 75097, 190489). Rank 0 writes everything and exits normally."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def schema(

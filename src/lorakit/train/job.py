@@ -298,7 +298,7 @@ def run_train(config: JobConfig, resume: bool = False, overwrite: bool = False, 
         raise TrainingInterrupted(out, trainer.state.global_step, trainer.state.max_steps,
                                   complete[-1] if complete else None, config.train.save_steps) from None
     seconds = time.perf_counter() - started
-    ranks.finish()  # the ranks are done together; what follows is the main rank's alone
+    ranks.finish(trainer)  # the ranks are done together; what follows is the main rank's alone
     if not ranks.is_main:
         return {"rank": ranks.rank, "world_size": ranks.world_size}  # rank 0 saves, evaluates and reports
     save_adapter(model, config, out)

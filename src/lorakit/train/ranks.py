@@ -10,6 +10,9 @@ ranks meet at a barrier after the output folder is prepared. A single process is
 
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +31,34 @@ class Ranks:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def finish(self) -> None:
-        """After training: every rank waits for the others, then takes its process group down itself. Left to
-        interpreter shutdown, gloo's threads were torn down in an order that aborted a rank now and then
-        ("terminate called without an active exception"), and torchrun then killed the run at its last step."""
+    def finish(self, trainer) -> None:
+        """After training: every rank drops the DDP wrapper, waits for the others, then takes its process group
+        down itself. Left to interpreter shutdown, gloo's threads were torn down in an order that aborted a rank
+        now and then ("terminate called without an active exception"), and torchrun then killed the run at its
+        last step. The wrapper goes first: its Reducer holds the group, and when the Reducer is the group's last
+        holder its C++ destructor joins gloo's threads with the GIL held while a thread waits for the GIL to
+        free a finished collective's tensors — a deadlock (seen: `py-spy dump` of a rank that never ended,
+        ~ProcessGroupGloo under ~Reducer joining a thread stuck in decref). Freed while the group is still
+        registered, the Reducer is not the last holder; destroy_process_group lets the GIL go."""
         if self.world_size > 1 and torch.distributed.is_initialized():
+            release_wrapper(trainer)
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def release_wrapper(trainer) -> None:
+    """Drop every reference HF Trainer and accelerate keep to the DDP-wrapped model (the unwrapped one stays)."""
+    wrapped = trainer.model_wrapped
+    if wrapped is trainer.model:
+        return
+    gone = weakref.ref(wrapped)
+    trainer.model_wrapped = trainer.model
+    trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not wrapped]
+    del wrapped
+    gc.collect()
+    if gone() is not None:
+        warnings.warn("The DDP wrapper outlived training (something still holds it); if this process hangs at "
+                      "exit, that is why.", RuntimeWarning, stacklevel=2)
 
 
 SINGLE_PROCESS = Ranks()
