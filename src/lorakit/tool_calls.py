@@ -29,6 +29,8 @@ HERMES_SYSTEM = (
     "json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>')
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# JSON as json.dumps writes it: one line, ", " and ": " — no run of whitespace for an unsure model to loop in
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass
@@ -51,6 +53,18 @@ def template_format(chat_template: str | None) -> str:
     if "<|python_tag|>" in text or '"parameters"' in text and "<tool_call>" not in text:
         return "llama3"
     return "hermes"
+
+
+def chat_text(tokenizer, messages: list[dict], tools: list[dict] | None = None, chat_template: str | None = None,
+              **options) -> str:
+    """A chat as text through its template, tools and past calls rendered the one way both training
+    (train/data.py) and serving (http/prompts.py) use; `options` (add_generation_prompt, …) win over ours."""
+    fmt = template_format(chat_template or getattr(tokenizer, "chat_template", None))
+    if tools and fmt != "system":
+        options.setdefault("tools", tools)
+    if chat_template:
+        options.setdefault("chat_template", chat_template)
+    return tokenizer.apply_chat_template(template_messages(messages, tools, fmt), tokenize=False, **options)
 
 
 def template_messages(messages: list[dict], tools: list[dict] | None, fmt: str) -> list[dict]:
@@ -143,8 +157,7 @@ def call_grammar(tools: list[dict], names: list[str], fmt: str, parallel: bool) 
             parameters.setdefault("additionalProperties", False)  # as OpenAI's strict mode: only the declared ones
             options.append({"type": "object", "properties": {"name": {"const": function["name"]}, key: parameters},
                             "required": ["name", key], "additionalProperties": False})
-    layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # as json.dumps writes
-    schema = json.dumps({"x-guidance": layout, **(options[0] if len(options) == 1 else {"anyOf": options})})
+    schema = json.dumps({"x-guidance": JSON_LAYOUT, **(options[0] if len(options) == 1 else {"anyOf": options})})
     if fmt == "llama3":
         repeat = ' ("; " call)*' if parallel else ""
         return f"start: call{repeat}\ncall: %json {schema}"

@@ -10,7 +10,7 @@ from typing import Any
 
 from lorakit.http.errors import ApiError
 from lorakit.http.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from lorakit.tool_calls import template_format, template_messages
+from lorakit.tool_calls import chat_text
 
 
 @dataclass
@@ -27,19 +27,13 @@ def render_chat(tokenizer, messages: list[ChatMessage], *, add_generation_prompt
     environment, so a request's own `chat_template` cannot reach the server). Tools and past tool calls go
     in as the template expects them, or as a Hermes system message for a template that renders none
     (tool_calls.py)."""
-    fmt = template_format(chat_template or getattr(tokenizer, "chat_template", None))
-    rendered = template_messages([{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages],
-                                 tools, fmt)
     options = {"continue_final_message": continue_final_message,
                "add_generation_prompt": add_generation_prompt and not continue_final_message}
-    if tools and fmt != "system":
-        options["tools"] = tools
-    if chat_template:
-        options["chat_template"] = chat_template
     if documents is not None:
         options["documents"] = documents
     options |= chat_template_kwargs or {}  # vLLM's order: the request's template kwargs win
-    text = tokenizer.apply_chat_template(rendered, tokenize=False, **options)
+    text = chat_text(tokenizer, [{**m.model_dump(exclude_none=True), "content": m.text()} for m in messages], tools,
+                     chat_template, **options)
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 

@@ -25,10 +25,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from lorakit.errors import RequestError
+from lorakit.tool_calls import JSON_LAYOUT
 
 _CACHE_SIZE = 64
-# JSON as json.dumps writes it: one line, ", " and ": " — no run of whitespace for an unsure model to loop in
-JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class StructuredOutput(BaseModel):

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorakit.errors import DataError
-from lorakit.tool_calls import template_format, template_messages
+from lorakit.tool_calls import chat_text
 from lorakit.train.alpaca_prompts import alpaca_ids
 from lorakit.train.splits import apply_split
 
@@ -167,10 +167,7 @@ def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = Fals
              tools: list[dict] | None = None) -> list[int]:
     """A chat's token ids, tools and tool calls rendered as `lorakit serve` renders them (tool_calls.py), so an
     adapter trained on calls is served the prompt it trained on."""
-    fmt = template_format(getattr(tokenizer, "chat_template", None))
-    options = {"tools": tools} if tools and fmt != "system" else {}
-    text = tokenizer.apply_chat_template(template_messages(messages, tools, fmt), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **options)
+    text = chat_text(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
